@@ -1,0 +1,15 @@
+"""One policy per method: a frozen dataclass whose fields are the method's settings.
+
+Policies are pure: tensors or counts in, decisions out. They never touch vLLM state.
+Adding a method: a file here, an entry in ``IMPLEMENTED`` (and in a preset if it
+belongs to one, ``vllm_tokenzoom/config.py``), its dense reference in
+``vllm_tokenzoom/reference/``, and the model or KV hook that applies it.
+"""
+from vllm_tokenzoom.methods.ttm import TTM
+
+# config name -> policy class, for the methods that work today
+IMPLEMENTED = {"ttm": TTM}
+# names reserved for the methods of the roadmap (README "Methods")
+PLANNED = ("fastv", "vas", "dp", "ata", "voa")
+
+__all__ = ["IMPLEMENTED", "PLANNED", "TTM"]

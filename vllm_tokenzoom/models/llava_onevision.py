@@ -1,0 +1,77 @@
+"""LLaVA-OneVision with tokenzoom's pre-LLM stage (TTM), the EVS pattern of vLLM 0.32.
+
+- Processor side: :class:`TokenZoomProcessingInfo` reports the reduced placeholder count,
+  a function of frame count and settings only (``TTM.num_kept_tokens``), so the prompt
+  has exactly as many video placeholders as the model will produce embeddings.
+- Model side: :class:`TokenZoomLlavaOnevision` runs the stock vision tower, projector and
+  pooling, then keeps the tokens TTM's plan chooses. LLaVA-OneVision's LM uses 1-D RoPE,
+  so positions are simply contiguous over the kept tokens (as in DyCoke's code).
+
+With tokenzoom off (no ``tokenzoom`` attribute on the HF config) both are the stock classes.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from vllm_tokenzoom.config import parse_config
+from vllm_tokenzoom.patches import HF_CONFIG_ATTR
+
+
+def ttm_of(hf_config):
+    """The TTM policy the engine was configured with, or None."""
+    resolved = getattr(hf_config, HF_CONFIG_ATTR, None)
+    if resolved is None:
+        return None
+    return parse_config({"tokenzoom": resolved}).ttm
+
+
+class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
+    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
+        ttm = ttm_of(self.get_hf_config())
+        if ttm is None:
+            return super().get_num_video_tokens(
+                image_width=image_width, image_height=image_height, num_frames=num_frames
+            )
+        per_frame = self._get_num_frame_tokens(image_width=image_width, image_height=image_height)
+        return ttm.num_kept_tokens(num_frames, per_frame) + 1  # + the video's one newline token
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaOnevisionMultiModalProcessor,
+    info=TokenZoomProcessingInfo,
+    dummy_inputs=LlavaOnevisionDummyInputsBuilder,
+)
+class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.tokenzoom_ttm = ttm_of(vllm_config.model_config.hf_config)
+        # visual indices kept for the most recent videos (tests and debugging; `LLM.apply_model`)
+        self.tokenzoom_trace: deque[torch.Tensor] = deque(maxlen=64)
+
+    def _process_video_pixels(self, inputs):
+        videos = super()._process_video_pixels(inputs)
+        if self.tokenzoom_ttm is None:
+            return videos
+        pixels = inputs["pixel_values_videos"]
+        frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
+        pruned = [self._apply_ttm(video, num_frames) for video, num_frames in zip(videos, frames)]
+        return torch.stack(pruned) if isinstance(videos, torch.Tensor) else pruned
+
+    def _apply_ttm(self, video: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """video: [T*N + 1, D] or [1, T*N + 1, D] (tokens, then the newline) -> same rank, fewer tokens."""
+        squeeze = video.dim() == 2
+        tokens = video if squeeze else video[0]
+        per_frame = (tokens.shape[0] - 1) // num_frames
+        kept, visual_idx = self.tokenzoom_ttm.apply(tokens[:-1].view(num_frames, per_frame, -1))
+        self.tokenzoom_trace.append(visual_idx)
+        out = torch.cat((kept, tokens[-1:]))  # [K + 1, D]
+        return out if squeeze else out[None]

@@ -1,0 +1,69 @@
+"""HF-transformers LLaVA-OneVision with tokenzoom's pre-LLM stage applied densely.
+
+The video goes through HF's own processor, vision tower, projector and pooling
+(``get_video_features``); TTM then keeps tokens exactly as the paper describes
+(``vllm_tokenzoom.methods.ttm``); the prompt's run of video placeholders is shortened to
+match, and HF ``generate`` decodes greedily from the embeddings. This is what DyCoke's own
+code does (features pruned before the sequence is built, positions contiguous).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_tokenzoom.methods.ttm import TTM
+
+
+@dataclass(frozen=True)
+class ReferenceOutput:
+    tokens: list[int]  # greedy new tokens
+    num_prompt_tokens: int
+    kept: torch.Tensor | None  # [K] visual indices kept by TTM (None without TTM)
+
+
+class DenseLlavaOnevision:
+    """Load once, generate many: ``DenseLlavaOnevision(model_dir).generate(video, prompt, ttm)``."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+
+    @torch.inference_mode()
+    def video_embeddings(self, video: np.ndarray, ttm: TTM | None):
+        """[T, H, W, 3] uint8 -> ([K + 1, D] embeddings incl. the newline, kept visual indices or None)."""
+        cfg = self.model.config
+        pixels = self.processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"]
+        pooled = self.model.model.get_video_features(
+            pixels.to(self.model.dtype),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        ).pooler_output[0]  # [T*N + 1, D]
+        if ttm is None:
+            return pooled, None
+        num_frames = pixels.shape[1]
+        tokens, newline = pooled[:-1], pooled[-1:]
+        kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
+        return torch.cat((kept_tokens, newline)), kept
+
+    @torch.inference_mode()
+    def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
+                 max_new_tokens: int = 16) -> ReferenceOutput:
+        """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``)."""
+        embeds, kept = self.video_embeddings(video, ttm)
+        video_id = self.model.config.video_token_index
+        ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
+        (at,) = (ids == video_id).nonzero(as_tuple=True)
+        assert at.numel() == 1, "the reference takes a prompt with exactly one <video>"
+        ids = torch.cat((ids[:at], torch.full((embeds.shape[0],), video_id), ids[at + 1:]))[None]
+        inputs_embeds = self.model.get_input_embeddings()(ids)
+        inputs_embeds[ids == video_id] = embeds.to(inputs_embeds.dtype)
+        out = self.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
+            pad_token_id=self.model.generation_config.pad_token_id,
+        )
+        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept)

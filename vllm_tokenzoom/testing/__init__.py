@@ -1,0 +1,1 @@
+"""Offline test assets: tiny LLaVA-OneVision checkpoints and synthetic videos."""
