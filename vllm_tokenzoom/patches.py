@@ -10,7 +10,8 @@ import argparse
 import logging
 from typing import Any
 
-logger = logging.getLogger("vllm_tokenzoom")
+# a child of vLLM's logger, so lines carry its format and process prefix
+logger = logging.getLogger("vllm.tokenzoom")
 
 MODEL_ARCH = "LlavaOnevisionForConditionalGeneration"
 MODEL_IMPL = "vllm_tokenzoom.models.llava_onevision:TokenZoomLlavaOnevision"

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 
-logger = logging.getLogger("vllm_tokenzoom")
+from vllm_tokenzoom import __version__
+
+# a child of vLLM's logger, so lines carry its format and process prefix
+logger = logging.getLogger("vllm.tokenzoom")
 _registered = False
 
 
@@ -29,6 +33,7 @@ def register() -> None:
     from vllm_tokenzoom.patches import apply_all
 
     apply_all()
+    logger.info("tokenzoom %s registered (pid %d)", __version__, os.getpid())
 
 
 def _install_version_guard_only() -> None:

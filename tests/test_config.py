@@ -1,0 +1,68 @@
+"""The config schema users write in ``additional_config``: what it accepts and how it refuses."""
+import pytest
+
+from vllm_tokenzoom.config import DEFAULT_PRESET, PRESETS, parse_config
+from vllm_tokenzoom.errors import TokenZoomConfigError
+from vllm_tokenzoom.methods import TTM
+
+
+def test_absent_key_means_tokenzoom_off():
+    assert parse_config(None) is None
+    assert parse_config({}) is None
+    assert parse_config({"some_other_plugin": {"x": 1}}) is None
+
+
+def test_empty_config_is_the_default_preset():
+    assert DEFAULT_PRESET == "ttm"
+    assert parse_config({"tokenzoom": {}}).ttm == TTM(prune_ratio=0.7, variant="paper")
+
+
+def test_methods_and_preset_overrides():
+    cfg = parse_config({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5, "variant": "official"}}}})
+    assert cfg.ttm == TTM(prune_ratio=0.5, variant="official")
+    cfg = parse_config({"tokenzoom": {"preset": "ttm", "methods": {"ttm": {"prune_ratio": 0.3}}}})
+    assert cfg.ttm == TTM(prune_ratio=0.3)
+    assert parse_config({"tokenzoom": {"methods": {"ttm": {}}}}).ttm == TTM()
+    assert parse_config({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0}}}}).ttm.prune_ratio == 0
+
+
+def test_resolved_form_round_trips():
+    cfg = parse_config({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5}}}})
+    assert parse_config({"tokenzoom": cfg.to_dict()}) == parse_config({"tokenzoom": cfg.to_dict()})
+    assert parse_config({"tokenzoom": cfg.to_dict()}).ttm == cfg.ttm
+
+
+@pytest.mark.parametrize(
+    "raw, names",
+    [
+        ({"methods": {"ttm": {"prune_ratio": 1.5}}}, ["tokenzoom.methods.ttm.prune_ratio", "1.5", "0.0 <= prune_ratio < 1.0"]),
+        ({"methods": {"ttm": {"prune_ratio": -0.1}}}, ["prune_ratio", "-0.1", "0.0 <= prune_ratio < 1.0"]),
+        ({"methods": {"ttm": {"prune_ratio": "0.7"}}}, ["tokenzoom.methods.ttm.prune_ratio", "'0.7'", "float"]),
+        ({"methods": {"ttm": {"prune_ratio": True}}}, ["prune_ratio", "True", "float"]),
+        ({"methods": {"ttm": {"variant": "fast"}}}, ["tokenzoom.methods.ttm.variant", "'fast'", "'paper', 'official'"]),
+        ({"methods": {"ttm": {"window": 8}}}, ["tokenzoom.methods.ttm", "'window'", "'prune_ratio', 'variant'"]),
+        ({"methods": {"ttm": 0.7}}, ["tokenzoom.methods.ttm", "0.7", "object"]),
+        ({"methods": ["ttm"]}, ["tokenzoom.methods", "['ttm']", "object"]),
+        ({"methods": {"dp": {}}}, ["'dp'", "not implemented yet", "implemented: 'ttm'"]),
+        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet"]),
+        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm'", "'fastv', 'vas', 'dp', 'ata', 'voa'"]),
+        ({"preset": "dycoke"}, ["tokenzoom.preset", "'dycoke'", "'dp'", "presets available now: 'ttm'"]),
+        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet"]),
+        ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'zoomvlm'"]),
+        ({"preset": 3}, ["tokenzoom.preset", "3"]),
+        ({"ttm": {"prune_ratio": 0.7}}, ["tokenzoom", "unknown key(s) 'ttm'", "'preset', 'methods'"]),
+        ("ttm", ["tokenzoom", "'ttm'", "object"]),
+    ],
+)
+def test_bad_config_names_key_value_and_allowed(raw, names):
+    with pytest.raises(TokenZoomConfigError) as err:
+        parse_config({"tokenzoom": raw})
+    for name in names:
+        assert name in str(err.value), f"{name!r} missing from: {err.value}"
+
+
+def test_every_preset_names_known_methods():
+    from vllm_tokenzoom.methods import IMPLEMENTED, PLANNED
+
+    for methods in PRESETS.values():
+        assert set(methods) <= set(IMPLEMENTED) | set(PLANNED)

@@ -1,0 +1,89 @@
+"""Run LLaVA-OneVision video requests through vLLM's offline ``LLM`` in a child process.
+
+Tests and benchmarks need vanilla vLLM and tokenzoom side by side, and a process can
+load general plugins only once; each run therefore gets its own process:
+
+    result = run_offline(model_dir, requests=[{"frames": 16, "seed": 0}], additional_config={...})
+
+Child side (``python -m vllm_tokenzoom.testing.offline`` with a JSON job on stdin): one
+``LLM`` in fp32, eager, in-process engine; requests run one at a time, so each kept-token
+trace (``TokenZoomLlavaOnevision.tokenzoom_trace``) belongs to its request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # one process: 4 s to load instead of 30+
+    "OMP_NUM_THREADS": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+}
+
+
+def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
+                plugins: bool = True, llm_kwargs: dict | None = None, timeout: float = 600) -> dict[str, Any]:
+    """Each request: ``frames``, ``seed`` (a synthetic video) or ``video_file``; ``max_tokens``;
+    ``question``. ``plugins=False`` runs vanilla vLLM (no general plugins loaded at all)."""
+    job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
+               llm_kwargs=llm_kwargs or {})
+    env = {**os.environ, **ENV}
+    if not plugins:
+        env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
+    proc = subprocess.run([sys.executable, "-m", "vllm_tokenzoom.testing.offline"], input=json.dumps(job),
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"offline run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+
+
+def load_video(request: dict[str, Any]):
+    from vllm_tokenzoom.testing.video import make_video, read_video
+
+    if "video_file" in request:
+        return read_video(request["video_file"])
+    return make_video(request["frames"], seed=request.get("seed", 0))
+
+
+def _child() -> None:
+    job = json.loads(sys.stdin.read())
+    from vllm import LLM, SamplingParams
+
+    from vllm_tokenzoom.testing.video import chat_prompt
+
+    kwargs = dict(model=job["model"], dtype="float32", max_model_len=8192, enforce_eager=True, seed=0,
+                  limit_mm_per_prompt={"image": 0, "video": 1}, enable_prefix_caching=False,
+                  mm_processor_cache_gb=0, additional_config=job["additional_config"])
+    kwargs.update(job["llm_kwargs"])
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    load_s = time.perf_counter() - t0
+    traced = _has_trace(llm)
+    outputs = []
+    for req in job["requests"]:
+        prompt = chat_prompt(llm.get_tokenizer(), req.get("question", "Describe what happens in this video."))
+        params = SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8), ignore_eos=True)
+        t0 = time.perf_counter()
+        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": load_video(req)}}], params,
+                              use_tqdm=False)
+        outputs.append(dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
+                            num_prompt_tokens=len(out.prompt_token_ids), seconds=time.perf_counter() - t0,
+                            kept=_last_kept(llm) if traced else None))
+    print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs)), flush=True)
+
+
+def _has_trace(llm) -> bool:
+    return llm.apply_model(lambda m: getattr(m, "tokenzoom_ttm", None) is not None)[0]
+
+
+def _last_kept(llm) -> list[int]:
+    return llm.apply_model(lambda m: m.tokenzoom_trace[-1].tolist())[0]
+
+
+if __name__ == "__main__":
+    _child()
