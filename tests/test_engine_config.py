@@ -1,0 +1,98 @@
+"""Bad server or engine config is refused before the model loads, with a message naming it."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_tokenzoom.errors import TokenZoomConfigError
+from vllm_tokenzoom.testing.offline import ENV
+from vllm_tokenzoom.testing.server import cpu_serve_args, vllm_cli
+
+
+def _llm_error(model: str, additional_config: dict) -> subprocess.CompletedProcess:
+    code = (
+        "import json, sys\n"
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    LLM(model=sys.argv[1], dtype='float32', max_model_len=8192, enforce_eager=True,\n"
+        "        additional_config=json.loads(sys.argv[2]))\n"
+        "    print('ENGINE STARTED')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, model, json.dumps(additional_config)],
+                          capture_output=True, text=True, env={**__import__("os").environ, **ENV}, timeout=300)
+
+
+def test_offline_llm_raises_the_config_error(tiny_model):
+    proc = _llm_error(tiny_model, {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 1.5}}}})
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert "TokenZoomConfigError: tokenzoom.methods.ttm.prune_ratio = 1.5 is out of range" in proc.stderr
+    assert "Loading safetensors" not in proc.stderr  # refused before the model loads
+
+
+@pytest.fixture(scope="module")
+def qwen2_text_model(tmp_path_factory, tiny_model):
+    """A text-only Qwen2 checkpoint: an architecture tokenzoom does not support."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("models") / "qwen2"
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=4096)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)
+
+
+def test_unsupported_architecture_is_refused(qwen2_text_model):
+    proc = _llm_error(qwen2_text_model, {"tokenzoom": {}})
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert "does not support model architecture(s) ['Qwen2ForCausalLM']" in proc.stderr
+    assert "supported: LlavaOnevisionForConditionalGeneration" in proc.stderr
+
+
+def test_unsupported_architecture_without_tokenzoom_still_serves(qwen2_text_model):
+    proc = _llm_error(qwen2_text_model, {})
+    assert "ENGINE STARTED" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_vllm_serve_exits_on_bad_config_before_the_engine_starts(tiny_model):
+    bad = {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 1.5}}}}
+    proc = subprocess.run([vllm_cli(), "serve", *cpu_serve_args(tiny_model), "--plugin", "tokenzoom",
+                           "--additional-config", json.dumps(bad), "--port", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "tokenzoom.methods.ttm.prune_ratio = 1.5 is out of range; allowed: 0.0 <= prune_ratio < 1.0" in proc.stderr
+    assert "EngineCore" not in proc.stderr + proc.stdout
+
+
+def test_vllm_serve_refuses_an_unknown_plugin(tiny_model):
+    proc = subprocess.run([vllm_cli(), "serve", tiny_model, "--plugin", "tokenzip"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "argument --plugin: invalid choice: 'tokenzip'" in proc.stderr and "tokenzoom" in proc.stderr
+
+
+def test_cli_plugin_flag_is_sugar_for_additional_config():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+
+    def engine_args(*argv):
+        return AsyncEngineArgs.from_cli_args(parser.parse_args(["m", *argv]))
+
+    assert engine_args("--plugin", "tokenzoom").additional_config == {"tokenzoom": {}}
+    mine = {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5}}}, "other": 1}
+    assert engine_args("--plugin", "tokenzoom", "--additional-config", json.dumps(mine)).additional_config == mine
+    assert engine_args().additional_config in ({}, None)
+    with pytest.raises(TokenZoomConfigError, match="prune_ratio"):
+        engine_args("--additional-config", json.dumps({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 2}}}}))
+
+
+def test_version_guard():
+    from vllm_tokenzoom.version import check_vllm_version
+
+    check_vllm_version("0.32.0+cpu")
+    check_vllm_version("0.32.0")
+    with pytest.raises(TokenZoomConfigError, match=r"needs vLLM 0\.32\.0.*found vLLM 0\.33\.1"):
+        check_vllm_version("0.33.1")

@@ -1,0 +1,85 @@
+"""The served path: `vllm serve DIR --plugin tokenzoom`, the official `openai` client, a video file."""
+import json
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from vllm_tokenzoom.methods.ttm import TTM
+from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
+from vllm_tokenzoom.testing.video import make_video, read_video, write_mp4
+
+QUESTION = "Describe what happens in this video."
+CONFIG = {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.7}}}}
+MAX_MODEL_LEN = 2048  # a 16-frame video fits only after TTM: 3192 prompt tokens vanilla, 1536 with TTM
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    return [write_mp4(make_video(16, seed=40 + i), folder / f"v{i}.mp4") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, videos):
+    args = cpu_serve_args(tiny_model, num_frames=16, media_dir=str(videos[0].parent))
+    args[args.index("--max-model-len") + 1] = str(MAX_MODEL_LEN)
+    with vllm_server(args + ["--plugin", "tokenzoom", "--additional-config", json.dumps(CONFIG)]) as (url, log):
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="EMPTY")
+
+
+def ask(client, url, max_tokens=8, question=QUESTION):
+    return client.chat.completions.create(model=client.models.list().data[0].id, temperature=0.0,
+                                          max_tokens=max_tokens, messages=video_message(url, question),
+                                          extra_body={"return_token_ids": True})
+
+
+def token_ids(reply) -> list[int]:
+    return reply.choices[0].model_extra["token_ids"]
+
+
+def test_video_chat_matches_the_reference(client, videos, dense, prompt):
+    reply = ask(client, data_url(videos[0]))
+    ref = dense.generate(read_video(videos[0]), prompt, TTM(prune_ratio=0.7), max_new_tokens=8)
+    assert reply.usage.prompt_tokens == ref.num_prompt_tokens
+    text_tokens = len(dense.processor.tokenizer(prompt).input_ids) - 1
+    assert reply.usage.prompt_tokens == text_tokens + TTM(prune_ratio=0.7).num_kept_tokens(16, 196) + 1
+    assert token_ids(reply) == ref.tokens
+    assert reply.choices[0].message.content  # the text is there too
+
+
+def test_concurrent_requests_answer_as_alone(client, videos, dense, prompt):
+    urls = [data_url(v) for v in videos] + ["file://" + str(v) for v in videos]
+    with ThreadPoolExecutor(len(urls)) as pool:
+        replies = list(pool.map(lambda u: token_ids(ask(client, u)), urls))
+    alone = [dense.generate(read_video(v), prompt, TTM(), 8).tokens for v in videos]
+    assert replies == alone + alone
+
+
+def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server):
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "data:video/mp4;base64," + "bm90IGEgdmlkZW8=" * 10)  # "not a video"
+    with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
+        ask(client, data_url(videos[1]), question=" red" * 600)  # video + text over the limit
+    assert ask(client, data_url(videos[1])).usage.prompt_tokens < MAX_MODEL_LEN
+
+
+def test_no_kv_blocks_held_after_requests(client, server):
+    with urllib.request.urlopen(server[0] + "/metrics") as r:
+        metrics = r.read().decode()
+    usage = [float(v) for v in re.findall(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", metrics, re.M)]
+    assert usage and all(u == 0.0 for u in usage)
+
+
+def test_plugin_registered_in_every_engine_process(server):
+    log = server[1].read_text()
+    assert re.search(r"\(APIServer pid=\d+\).*tokenzoom enabled: .*'prune_ratio': 0.7", log)
+    for process in ("EngineCore", "VllmWorker"):
+        assert re.search(rf"\({process}[-\w]* pid=\d+\).*tokenzoom 0\.1\.0 registered", log), process
