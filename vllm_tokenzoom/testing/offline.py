@@ -26,11 +26,13 @@ ENV = {
 
 
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
-                plugins: bool = True, llm_kwargs: dict | None = None, timeout: float = 600) -> dict[str, Any]:
+                plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
+                timeout: float = 600) -> dict[str, Any]:
     """Each request: ``frames``, ``seed`` (a synthetic video) or ``video_file``; ``max_tokens``;
-    ``question``. ``plugins=False`` runs vanilla vLLM (no general plugins loaded at all)."""
+    ``question``. ``plugins=False`` runs vanilla vLLM (no general plugins loaded at all).
+    ``warmup`` requests run first and are not reported (one-off costs of the first request)."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
-               llm_kwargs=llm_kwargs or {})
+               llm_kwargs=llm_kwargs or {}, warmup=list(warmup))
     env = {**os.environ, **ENV}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
@@ -58,22 +60,28 @@ def _child() -> None:
 
     kwargs = dict(model=job["model"], dtype="float32", max_model_len=8192, enforce_eager=True, seed=0,
                   limit_mm_per_prompt={"image": 0, "video": 1}, enable_prefix_caching=False,
-                  mm_processor_cache_gb=0, additional_config=job["additional_config"])
+                  mm_processor_cache_gb=0, additional_config=job["additional_config"],
+                  disable_log_stats=False)  # fills RequestOutput.metrics
     kwargs.update(job["llm_kwargs"])
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     load_s = time.perf_counter() - t0
     traced = _has_trace(llm)
-    outputs = []
-    for req in job["requests"]:
+
+    def run(req):
         prompt = chat_prompt(llm.get_tokenizer(), req.get("question", "Describe what happens in this video."))
         params = SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8), ignore_eos=True)
+        video = load_video(req)
         t0 = time.perf_counter()
-        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": load_video(req)}}], params,
-                              use_tqdm=False)
-        outputs.append(dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
-                            num_prompt_tokens=len(out.prompt_token_ids), seconds=time.perf_counter() - t0,
-                            kept=_last_kept(llm) if traced else None))
+        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": video}}], params, use_tqdm=False)
+        return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
+                    num_prompt_tokens=len(out.prompt_token_ids), seconds=time.perf_counter() - t0,
+                    engine_ttft=getattr(out.metrics, "first_token_latency", None),
+                    kept=_last_kept(llm) if traced else None)
+
+    for req in job["warmup"]:
+        run(req)
+    outputs = [run(req) for req in job["requests"]]
     print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs)), flush=True)
 
 
