@@ -96,3 +96,24 @@ def test_version_guard():
     check_vllm_version("0.32.0")
     with pytest.raises(TokenZoomConfigError, match=r"needs vLLM 0\.32\.0.*found vLLM 0\.33\.1"):
         check_vllm_version("0.33.1")
+
+
+def test_other_vllm_version_refuses_tokenzoom_and_leaves_vllm_alone(tiny_model):
+    code = (
+        "import sys, vllm\n"
+        "vllm.__version__ = '0.33.1'  # pretend another release is installed\n"
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        "        LLM(model=sys.argv[1], dtype='float32', max_model_len=8192, enforce_eager=True,\n"
+        "            additional_config={'tokenzoom': {}})\n"
+        "    except Exception as e:\n"
+        "        print('REFUSED', type(e).__name__, e)\n"
+        "    from vllm import ModelRegistry\n"
+        "    print('MODEL', ModelRegistry.models['LlavaOnevisionForConditionalGeneration'].class_name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, tiny_model], capture_output=True, text=True,
+                          env={**__import__("os").environ, **ENV}, timeout=300)
+    assert "REFUSED TokenZoomConfigError tokenzoom needs vLLM 0.32.0" in proc.stdout, proc.stderr[-3000:]
+    assert "found vLLM 0.33.1" in proc.stdout
+    assert "MODEL LlavaOnevisionForConditionalGeneration" in proc.stdout  # stock model class untouched

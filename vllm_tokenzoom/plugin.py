@@ -14,41 +14,21 @@ _registered = False
 def register() -> None:
     """Lazy, idempotent, safe in every process.
 
-    On a vLLM version other than the supported one, nothing is patched (an installed
-    tokenzoom must never break vLLM); enabling tokenzoom there fails with a clear error
-    (the version check in ``create_engine_config`` still runs, through
-    :func:`_install_version_guard_only`).
+    On a vLLM version other than the supported one only the version guard is installed:
+    an installed tokenzoom never breaks vLLM, and asking for tokenzoom there fails with
+    a clear error.
     """
     global _registered
     if _registered:
         return
     _registered = True
+    from vllm_tokenzoom import patches
     from vllm_tokenzoom.version import SUPPORTED_VLLM, installed_vllm_version
 
     version = installed_vllm_version()
     if version.split("+")[0] != SUPPORTED_VLLM:
         logger.warning("tokenzoom supports vLLM %s only; found %s: tokenzoom stays off", SUPPORTED_VLLM, version)
-        _install_version_guard_only()
+        patches.apply_version_guard_only()
         return
-    from vllm_tokenzoom.patches import apply_all
-
-    apply_all()
+    patches.apply_all()
     logger.info("tokenzoom %s registered (pid %d)", __version__, os.getpid())
-
-
-def _install_version_guard_only() -> None:
-    """On an unsupported vLLM, asking for tokenzoom raises the version error instead of being ignored."""
-    try:
-        from vllm.engine.arg_utils import EngineArgs
-    except Exception:  # an unknown vLLM layout: leave it alone
-        return
-    orig_create = EngineArgs.create_engine_config
-
-    def create_engine_config(self, *args, **kwargs):
-        if "tokenzoom" in (self.additional_config or {}):
-            from vllm_tokenzoom.version import check_vllm_version
-
-            check_vllm_version()
-        return orig_create(self, *args, **kwargs)
-
-    EngineArgs.create_engine_config = create_engine_config
