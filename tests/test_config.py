@@ -3,7 +3,7 @@ import pytest
 
 from vllm_tokenzoom.config import DEFAULT_PRESET, PRESETS, parse_config
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods import TTM
+from vllm_tokenzoom.methods import DP, TTM
 
 
 def test_absent_key_means_tokenzoom_off():
@@ -12,9 +12,20 @@ def test_absent_key_means_tokenzoom_off():
     assert parse_config({"some_other_plugin": {"x": 1}}) is None
 
 
-def test_empty_config_is_the_default_preset():
-    assert DEFAULT_PRESET == "ttm"
-    assert parse_config({"tokenzoom": {}}).ttm == TTM(prune_ratio=0.7, variant="paper")
+def test_empty_config_is_the_default_preset_dycoke():
+    assert DEFAULT_PRESET == "dycoke"
+    cfg = parse_config({"tokenzoom": {}})
+    assert cfg == parse_config({"tokenzoom": {"preset": "dycoke"}})
+    # DyCoke's main-table setting: K=0.7, L=3, P=0.7
+    assert (cfg.ttm, cfg.dp) == (TTM(prune_ratio=0.7), DP(layer=3, prune_ratio=0.7, threshold=0.9))
+
+
+def test_ttm_preset_and_dp_alone():
+    assert parse_config({"tokenzoom": {"preset": "ttm"}}).dp is None
+    cfg = parse_config({"tokenzoom": {"methods": {"dp": {"layer": 2, "variant": "official"}}}})
+    assert (cfg.ttm, cfg.dp) == (None, DP(layer=2, variant="official"))
+    cfg = parse_config({"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"prune_ratio": 0.5}}}})
+    assert cfg.dp == DP(layer=3, prune_ratio=0.5) and cfg.ttm == TTM(prune_ratio=0.7)
 
 
 def test_methods_and_preset_overrides():
@@ -43,11 +54,13 @@ def test_resolved_form_round_trips():
         ({"methods": {"ttm": {"window": 8}}}, ["tokenzoom.methods.ttm", "'window'", "'prune_ratio', 'variant'"]),
         ({"methods": {"ttm": 0.7}}, ["tokenzoom.methods.ttm", "0.7", "object"]),
         ({"methods": ["ttm"]}, ["tokenzoom.methods", "['ttm']", "object"]),
-        ({"methods": {"dp": {}}}, ["'dp'", "not implemented yet", "implemented: 'ttm'"]),
-        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet"]),
-        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm'", "'fastv', 'vas', 'dp', 'ata', 'voa'"]),
-        ({"preset": "dycoke"}, ["tokenzoom.preset", "'dycoke'", "'dp'", "presets available now: 'ttm'"]),
-        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet"]),
+        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet", "implemented: 'ttm', 'dp'"]),
+        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm', 'dp'", "'fastv', 'vas', 'ata', 'voa'"]),
+        ({"methods": {"dp": {"layer": 0}}}, ["tokenzoom.methods.dp.layer", "0", "layer >= 1"]),
+        ({"methods": {"dp": {"layer": 2.5}}}, ["tokenzoom.methods.dp.layer", "2.5", "int"]),
+        ({"methods": {"dp": {"threshold": 2}}}, ["tokenzoom.methods.dp.threshold", "2", "-1.0 <= threshold <= 1.0"]),
+        ({"methods": {"dp": {"top_k": 3}}}, ["tokenzoom.methods.dp", "'top_k'", "'layer', 'prune_ratio', 'threshold', 'variant'"]),
+        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet", "presets available now: 'ttm', 'dycoke'"]),
         ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'zoomvlm'"]),
         ({"preset": 3}, ["tokenzoom.preset", "3"]),
         ({"ttm": {"prune_ratio": 0.7}}, ["tokenzoom", "unknown key(s) 'ttm'", "'preset', 'methods'"]),

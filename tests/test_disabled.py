@@ -32,3 +32,10 @@ def test_ttm_with_zero_ratio_is_token_identical_to_vanilla(tiny_model, vanilla):
     zero = run_offline(tiny_model, REQUESTS, {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.0}}}})["outputs"]
     assert [len(o["kept"]) for o in zero] == [16 * 196, 7 * 196, 196]
     assert _strip(zero) == _strip(vanilla)
+
+
+def test_batch_of_videos_of_different_lengths(tiny_model, vanilla):
+    """Stock vLLM 0.32 kills its engine on such a batch (its list path returns 3-D
+    embeddings); installed, tokenzoom's model class returns them 2-D, tokens unchanged."""
+    batched = run_offline(tiny_model, REQUESTS, batch=True)["outputs"]
+    assert _strip(batched) == _strip(vanilla)

@@ -10,16 +10,16 @@ from vllm_tokenzoom.testing.offline import ENV
 from vllm_tokenzoom.testing.server import cpu_serve_args, vllm_cli
 
 
-def _llm_error(model: str, additional_config: dict) -> subprocess.CompletedProcess:
+def _llm_error(model: str, additional_config: dict, **kwargs) -> subprocess.CompletedProcess:
     code = (
         "import json, sys\n"
         "from vllm import LLM\n"
         "if __name__ == '__main__':\n"
         "    LLM(model=sys.argv[1], dtype='float32', max_model_len=8192, enforce_eager=True,\n"
-        "        additional_config=json.loads(sys.argv[2]))\n"
+        "        additional_config=json.loads(sys.argv[2]), **json.loads(sys.argv[3]))\n"
         "    print('ENGINE STARTED')\n"
     )
-    return subprocess.run([sys.executable, "-c", code, model, json.dumps(additional_config)],
+    return subprocess.run([sys.executable, "-c", code, model, json.dumps(additional_config), json.dumps(kwargs)],
                           capture_output=True, text=True, env={**__import__("os").environ, **ENV}, timeout=300)
 
 
@@ -47,6 +47,18 @@ def test_unsupported_architecture_is_refused(qwen2_text_model):
     assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
     assert "does not support model architecture(s) ['Qwen2ForCausalLM']" in proc.stderr
     assert "supported: LlavaOnevisionForConditionalGeneration" in proc.stderr
+
+
+def test_dp_layer_beyond_the_model_is_refused(tiny_model):
+    proc = _llm_error(tiny_model, {"tokenzoom": {"methods": {"dp": {"layer": 4}}}})
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert "tokenzoom.methods.dp.layer = 4 is out of range for this model; allowed: 1 <= layer < 4" in proc.stderr
+
+
+def test_dp_with_prefix_caching_is_refused(tiny_model):
+    proc = _llm_error(tiny_model, {"tokenzoom": {}}, enable_prefix_caching=True)
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout
+    assert "cannot run with prefix caching" in proc.stderr
 
 
 def test_unsupported_architecture_without_tokenzoom_still_serves(qwen2_text_model):

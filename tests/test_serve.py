@@ -1,4 +1,5 @@
-"""The served path: `vllm serve DIR --plugin tokenzoom`, the official `openai` client, a video file."""
+"""The served path: `vllm serve DIR --plugin tokenzoom` (DyCoke: TTM + dynamic pruning), the
+official `openai` client, video files and data URLs, concurrency, aborts and bad requests."""
 import json
 import re
 import urllib.request
@@ -7,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
 from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
 from vllm_tokenzoom.testing.video import make_video, read_video, write_mp4
 
 QUESTION = "Describe what happens in this video."
-CONFIG = {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.7}}}}
+TTM_, DP_ = TTM(prune_ratio=0.7), DP(layer=3, prune_ratio=0.7)  # what `--plugin tokenzoom` means
 MAX_MODEL_LEN = 2048  # a 16-frame video fits only after TTM: 3192 prompt tokens vanilla, 1536 with TTM
 
 
@@ -26,7 +28,7 @@ def videos(tmp_path_factory):
 def server(tiny_model, videos):
     args = cpu_serve_args(tiny_model, num_frames=16, media_dir=str(videos[0].parent))
     args[args.index("--max-model-len") + 1] = str(MAX_MODEL_LEN)
-    with vllm_server(args + ["--plugin", "tokenzoom", "--additional-config", json.dumps(CONFIG)]) as (url, log):
+    with vllm_server(args + ["--plugin", "tokenzoom"]) as (url, log):
         yield url, log
 
 
@@ -47,10 +49,10 @@ def token_ids(reply) -> list[int]:
 
 def test_video_chat_matches_the_reference(client, videos, dense, prompt):
     reply = ask(client, data_url(videos[0]))
-    ref = dense.generate(read_video(videos[0]), prompt, TTM(prune_ratio=0.7), max_new_tokens=8)
+    ref = dense.generate(read_video(videos[0]), prompt, TTM_, max_new_tokens=8, dp=DP_)
     assert reply.usage.prompt_tokens == ref.num_prompt_tokens
     text_tokens = len(dense.processor.tokenizer(prompt).input_ids) - 1
-    assert reply.usage.prompt_tokens == text_tokens + TTM(prune_ratio=0.7).num_kept_tokens(16, 196) + 1
+    assert reply.usage.prompt_tokens == text_tokens + TTM_.num_kept_tokens(16, 196) + 1
     assert token_ids(reply) == ref.tokens
     assert reply.choices[0].message.content  # the text is there too
 
@@ -59,7 +61,7 @@ def test_concurrent_requests_answer_as_alone(client, videos, dense, prompt):
     urls = [data_url(v) for v in videos] + ["file://" + str(v) for v in videos]
     with ThreadPoolExecutor(len(urls)) as pool:
         replies = list(pool.map(lambda u: token_ids(ask(client, u)), urls))
-    alone = [dense.generate(read_video(v), prompt, TTM(), 8).tokens for v in videos]
+    alone = [dense.generate(read_video(v), prompt, TTM_, 8, dp=DP_).tokens for v in videos]
     assert replies == alone + alone
 
 
@@ -69,6 +71,16 @@ def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server)
     with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
         ask(client, data_url(videos[1]), question=" red" * 600)  # video + text over the limit
     assert ask(client, data_url(videos[1])).usage.prompt_tokens < MAX_MODEL_LEN
+
+
+def test_abort_mid_decode(client, videos, server):
+    stream = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0.0, max_tokens=200,
+                                            messages=video_message(data_url(videos[2]), QUESTION), stream=True)
+    for i, _chunk in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()  # the client goes away: vLLM aborts the request
+    assert ask(client, data_url(videos[2])).usage.completion_tokens == 8
 
 
 def test_no_kv_blocks_held_after_requests(client, server):

@@ -2,7 +2,7 @@
 
 Schema (README "Configuration")::
 
-    {"tokenzoom": {"preset": "ttm"}}
+    {"tokenzoom": {"preset": "dycoke"}}
     {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.7, "variant": "paper"}}}}
     {"tokenzoom": {"preset": "ttm", "methods": {"ttm": {"prune_ratio": 0.5}}}}  # preset, then overrides
     {"tokenzoom": {}}                                                           # the default preset
@@ -31,8 +31,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "dycoke": {"ttm": {"prune_ratio": 0.7}, "dp": {"layer": 3, "prune_ratio": 0.7}},
     "zoomvlm": {"voa": {}, "ata": {}},
 }
-# what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean; becomes "dycoke" once `dp` exists
-DEFAULT_PRESET = "ttm"
+# what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean: DyCoke with the paper's settings
+DEFAULT_PRESET = "dycoke"
 _TOP_KEYS = ("preset", "methods")
 
 
@@ -46,6 +46,10 @@ class TokenZoomConfig:
     @property
     def ttm(self):
         return self.methods.get("ttm")
+
+    @property
+    def dp(self):
+        return self.methods.get("dp")
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form, which parses back to an equal config."""

@@ -23,6 +23,8 @@ _PATCHED = "_tokenzoom_patched"
 def apply_all() -> None:
     _register_model()
     _patch_engine_args()
+    _register_attention_backend()
+    _patch_model_runner()
 
 
 def apply_version_guard_only() -> None:
@@ -61,6 +63,63 @@ def _register_model() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(MODEL_ARCH, MODEL_IMPL)
+
+
+def _register_attention_backend() -> None:
+    """Registration, not a patch: vLLM's ``register_backend`` overriding ``CPU_ATTN``.
+
+    Why: decode-time methods need attention over a per-request token view, and the CPU
+    platform always picks CPU_ATTN (platforms/cpu.py:177), ignoring --attention-backend.
+    How: our subclass of the CPU backend; with no tokenzoom session in a batch it runs
+    the stock kernel only. Remove when: never (it is the mechanism); on CUDA a
+    registered backend takes its place.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+
+
+CPU_BACKEND = "vllm_tokenzoom.v1.attention.backends.cpu_attn.TokenZoomCPUAttentionBackend"
+
+
+def _patch_model_runner() -> None:
+    """Patch of ``GPUModelRunner._build_attention_metadata`` (v1/worker/gpu_model_runner.py:2249),
+    which the CPU runner inherits.
+
+    Why: V1 attention metadata carries no request ids, but the backend must know which
+    request (and so which token view) each batch row is. How: before the metadata is
+    built, publish row -> session (``v1/worker/sessions.publish_rows``), creating
+    sessions for new video requests and dropping those the runner no longer holds.
+    Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner, _PATCHED, False):
+        return
+    orig_build = GPUModelRunner._build_attention_metadata
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        from vllm_tokenzoom.v1.worker.sessions import publish_rows
+
+        num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else None)
+        publish_rows(self.input_batch.req_ids[:num_reqs], self.requests, _dp_of(self))
+        return orig_build(self, *args, **kwargs)
+
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    setattr(GPUModelRunner, _PATCHED, True)
+
+
+def _dp_of(runner):
+    if not hasattr(runner, "_tokenzoom_dp"):
+        from vllm_tokenzoom.config import parse_config
+
+        resolved = getattr(runner.model_config.hf_config, HF_CONFIG_ATTR, None)
+        runner._tokenzoom_dp = parse_config({"tokenzoom": resolved}).dp if resolved is not None else None
+    return runner._tokenzoom_dp
 
 
 def _patch_engine_args() -> None:
@@ -115,8 +174,11 @@ def _patch_engine_args() -> None:
 
         check_vllm_version()
         self.hf_overrides = _with_tokenzoom(self.hf_overrides, config.to_dict())
+        if config.dp is not None:
+            _no_prefix_caching(self)
         vllm_config = orig_create(self, *args, **kwargs)
         _check_architecture(vllm_config.model_config.architectures)
+        _check_layers(config, vllm_config.model_config.hf_text_config.num_hidden_layers)
         logger.info("tokenzoom enabled: %s", config.to_dict())
         return vllm_config
 
@@ -147,6 +209,29 @@ def _with_tokenzoom(hf_overrides, resolved: dict[str, Any]):
 
         return chained
     return {**(hf_overrides or {}), HF_CONFIG_ATTR: resolved}
+
+
+def _no_prefix_caching(engine_args) -> None:
+    """Decode-time pruning changes the KV of generated tokens at layers >= L, so a cached
+    block would no longer match its hash: prefix caching is turned off (refused if asked for)."""
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    if engine_args.enable_prefix_caching:
+        raise TokenZoomConfigError(
+            "tokenzoom method 'dp' cannot run with prefix caching: blocks computed under a pruned view "
+            "do not match their hashes; drop --enable-prefix-caching (tokenzoom turns it off)"
+        )
+    engine_args.enable_prefix_caching = False
+
+
+def _check_layers(config, num_layers: int) -> None:
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    if config.dp is not None and config.dp.layer >= num_layers:
+        raise TokenZoomConfigError(
+            f"tokenzoom.methods.dp.layer = {config.dp.layer} is out of range for this model; "
+            f"allowed: 1 <= layer < {num_layers} (its number of decoder layers)"
+        )
 
 
 def _check_architecture(architectures) -> None:

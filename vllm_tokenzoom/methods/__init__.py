@@ -5,11 +5,12 @@ Adding a method: a file here, an entry in ``IMPLEMENTED`` (and in a preset if it
 belongs to one, ``vllm_tokenzoom/config.py``), its dense reference in
 ``vllm_tokenzoom/reference/``, and the model or KV hook that applies it.
 """
+from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
 
 # config name -> policy class, for the methods that work today
-IMPLEMENTED = {"ttm": TTM}
+IMPLEMENTED = {"ttm": TTM, "dp": DP}
 # names reserved for the methods of the roadmap (README "Methods")
-PLANNED = ("fastv", "vas", "dp", "ata", "voa")
+PLANNED = ("fastv", "vas", "ata", "voa")
 
-__all__ = ["IMPLEMENTED", "PLANNED", "TTM"]
+__all__ = ["DP", "IMPLEMENTED", "PLANNED", "TTM"]

@@ -59,6 +59,11 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
 
     def _process_video_pixels(self, inputs):
         videos = super()._process_video_pixels(inputs)
+        if not isinstance(videos, torch.Tensor):
+            # Upstream bug (vLLM 0.32): videos of different lengths in one batch take this list
+            # path, which returns [1, N, D] per video; vLLM's own sanity check wants [N, D] and
+            # the engine dies. Every video is returned as [N, D] here, tokenzoom on or off.
+            videos = [video[0] for video in videos]
         if self.tokenzoom_ttm is None:
             return videos
         pixels = inputs["pixel_values_videos"]
@@ -67,11 +72,8 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         return torch.stack(pruned) if isinstance(videos, torch.Tensor) else pruned
 
     def _apply_ttm(self, video: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """video: [T*N + 1, D] or [1, T*N + 1, D] (tokens, then the newline) -> same rank, fewer tokens."""
-        squeeze = video.dim() == 2
-        tokens = video if squeeze else video[0]
-        per_frame = (tokens.shape[0] - 1) // num_frames
-        kept, visual_idx = self.tokenzoom_ttm.apply(tokens[:-1].view(num_frames, per_frame, -1))
+        """video: [T*N + 1, D] (tokens, then the newline) -> [K + 1, D]."""
+        per_frame = (video.shape[0] - 1) // num_frames
+        kept, visual_idx = self.tokenzoom_ttm.apply(video[:-1].view(num_frames, per_frame, -1))
         self.tokenzoom_trace.append(visual_idx)
-        out = torch.cat((kept, tokens[-1:]))  # [K + 1, D]
-        return out if squeeze else out[None]
+        return torch.cat((kept, video[-1:]))

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
+from vllm_tokenzoom.reference.dp_attention import dp_attention
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class ReferenceOutput:
     tokens: list[int]  # greedy new tokens
     num_prompt_tokens: int
     kept: torch.Tensor | None  # [K] visual indices kept by TTM (None without TTM)
+    dp_trace: list | None = None  # per decode step: (query position, selected visual indices or None)
 
 
 class DenseLlavaOnevision:
@@ -51,8 +54,9 @@ class DenseLlavaOnevision:
 
     @torch.inference_mode()
     def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
-                 max_new_tokens: int = 16) -> ReferenceOutput:
-        """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``)."""
+                 max_new_tokens: int = 16, dp: DP | None = None) -> ReferenceOutput:
+        """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
+        ``ttm`` prunes the video before the LLM, ``dp`` prunes attention during decode."""
         embeds, kept = self.video_embeddings(video, ttm)
         video_id = self.model.config.video_token_index
         ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
@@ -61,9 +65,14 @@ class DenseLlavaOnevision:
         ids = torch.cat((ids[:at], torch.full((embeds.shape[0],), video_id), ids[at + 1:]))[None]
         inputs_embeds = self.model.get_input_embeddings()(ids)
         inputs_embeds[ids == video_id] = embeds.to(inputs_embeds.dtype)
-        out = self.model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
-            pad_token_id=self.model.generation_config.pad_token_id,
-        )
-        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept)
+        kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
+                      pad_token_id=self.model.generation_config.pad_token_id)
+        if dp is None:
+            out = self.model.generate(**kwargs)
+            return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept)
+        visual = (ids[0] == video_id).nonzero().squeeze(1)[:-1]  # the video's tokens but its newline
+        with dp_attention(self.model, dp, visual, ids.shape[1]) as state:
+            out = self.model.generate(**kwargs)
+        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept,
+                               dp_trace=state.trace)

@@ -27,12 +27,13 @@ ENV = {
 
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
-                timeout: float = 600) -> dict[str, Any]:
-    """Each request: ``frames``, ``seed`` (a synthetic video) or ``video_file``; ``max_tokens``;
-    ``question``. ``plugins=False`` runs vanilla vLLM (no general plugins loaded at all).
-    ``warmup`` requests run first and are not reported (one-off costs of the first request)."""
+                batch: bool = False, timeout: float = 600) -> dict[str, Any]:
+    """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video) or
+    ``video_file``; ``max_tokens``; ``question``. ``plugins=False`` runs vanilla vLLM (no
+    general plugins loaded at all). ``warmup`` requests run first and are not reported.
+    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces)."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
-               llm_kwargs=llm_kwargs or {}, warmup=list(warmup))
+               llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch)
     env = {**os.environ, **ENV}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
@@ -56,7 +57,7 @@ def _child() -> None:
     job = json.loads(sys.stdin.read())
     from vllm import LLM, SamplingParams
 
-    from vllm_tokenzoom.testing.video import chat_prompt
+    from vllm_tokenzoom.testing.video import chat_prompt, text_prompt
 
     kwargs = dict(model=job["model"], dtype="float32", max_model_len=8192, enforce_eager=True, seed=0,
                   limit_mm_per_prompt={"image": 0, "video": 1}, enable_prefix_caching=False,
@@ -68,25 +69,55 @@ def _child() -> None:
     load_s = time.perf_counter() - t0
     traced = _has_trace(llm)
 
-    def run(req):
-        prompt = chat_prompt(llm.get_tokenizer(), req.get("question", "Describe what happens in this video."))
-        params = SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8), ignore_eos=True)
-        video = load_video(req)
-        t0 = time.perf_counter()
-        (out,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": video}}], params, use_tqdm=False)
+    def prompt_of(req):
+        question = req.get("question", "Describe what happens in this video.")
+        if req.get("frames", 1) == 0 and "video_file" not in req:
+            return {"prompt": text_prompt(llm.get_tokenizer(), question)}
+        return {"prompt": chat_prompt(llm.get_tokenizer(), question), "multi_modal_data": {"video": load_video(req)}}
+
+    def params_of(req):
+        return SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8), ignore_eos=True)
+
+    def result(out, seconds, traces: bool):
         return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
-                    num_prompt_tokens=len(out.prompt_token_ids), seconds=time.perf_counter() - t0,
+                    num_prompt_tokens=len(out.prompt_token_ids), seconds=seconds,
                     engine_ttft=getattr(out.metrics, "first_token_latency", None),
-                    kept=_last_kept(llm) if traced else None)
+                    num_preemptions=getattr(out.metrics, "num_preemptions", None),
+                    kept=_last_kept(llm) if traced and traces else None,
+                    dp_trace=_dp_trace(llm) if traces else None)
+
+    def run(req):
+        prompt = prompt_of(req)
+        t0 = time.perf_counter()
+        (out,) = llm.generate([prompt], params_of(req), use_tqdm=False)
+        return result(out, time.perf_counter() - t0, traces=True)
 
     for req in job["warmup"]:
         run(req)
-    outputs = [run(req) for req in job["requests"]]
+    if job["batch"]:
+        prompts = [prompt_of(r) for r in job["requests"]]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, [params_of(r) for r in job["requests"]], use_tqdm=False)
+        outputs = [result(o, time.perf_counter() - t0, traces=False) for o in outs]
+    else:
+        outputs = [run(req) for req in job["requests"]]
     print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs)), flush=True)
 
 
 def _has_trace(llm) -> bool:
     return llm.apply_model(lambda m: getattr(m, "tokenzoom_ttm", None) is not None)[0]
+
+
+def _dp_trace(llm):
+    """DyCoke's per-step selections of the request that just finished (its session lives
+    until the engine's next step), or None without a session."""
+    def read(model):
+        from vllm_tokenzoom.v1.worker.sessions import SESSIONS
+
+        return [s.trace for s in SESSIONS.values()]
+
+    traces = llm.apply_model(read)[0]
+    return traces[-1] if traces else None
 
 
 def _last_kept(llm) -> list[int]:

@@ -43,6 +43,12 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     return path
 
 
+def text_prompt(tokenizer, question: str) -> str:
+    """A chat prompt without any video."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def chat_prompt(tokenizer_or_processor, question: str = "Describe what happens in this video.") -> str:
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return tokenizer_or_processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

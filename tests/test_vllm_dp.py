@@ -1,0 +1,95 @@
+"""DyCoke inside vLLM against the dense HF reference: same selected tokens at every decode
+step, same greedy tokens (fp32); in mixed batches, under chunked prefill and preemption."""
+import pytest
+
+from vllm_tokenzoom.methods.dp import DP
+from vllm_tokenzoom.methods.ttm import TTM
+from vllm_tokenzoom.testing.offline import load_video, run_offline
+
+DYCOKE = {"tokenzoom": {"preset": "dycoke"}}
+VIDEOS = [dict(frames=16, seed=50, max_tokens=12), dict(frames=7, seed=51, max_tokens=12),
+          dict(frames=3, seed=52, max_tokens=12)]
+TEXT = [dict(frames=0, question="Name three colours.", max_tokens=12),
+        dict(frames=0, question="Count to five.", max_tokens=12)]
+# consecutive steps of the random tiny model attend to near-orthogonal tokens (cosine 0.005-0.2):
+# a threshold of 0.05 makes some steps stable (keep the selection, or attend to all) and some not
+REUSE = DP(layer=2, prune_ratio=0.5, threshold=0.05)
+OFFICIAL = DP(layer=2, prune_ratio=0.5, threshold=0.05, variant="official")
+
+
+def dp_config(dp: DP) -> dict:
+    return {"tokenzoom": {"methods": {"dp": dict(layer=dp.layer, prune_ratio=dp.prune_ratio,
+                                                  threshold=dp.threshold, variant=dp.variant)}}}
+
+
+@pytest.fixture(scope="module")
+def references(dense, prompt):
+    def reference(request, ttm, dp):
+        return dense.generate(load_video(request), prompt, ttm, max_new_tokens=request["max_tokens"], dp=dp)
+
+    return {
+        "dycoke": [reference(r, TTM(prune_ratio=0.7), DP()) for r in VIDEOS],
+        "reuse": [reference(r, None, REUSE) for r in VIDEOS[:2]],
+        "official": [reference(r, None, OFFICIAL) for r in VIDEOS[:2]],
+    }
+
+
+def assert_same_as_reference(outputs, refs):
+    for got, ref in zip(outputs, refs, strict=True):
+        assert [tuple(step) for step in got["dp_trace"]] == [(q, sel) for q, sel in ref.dp_trace]
+        assert got["tokens"] == ref.tokens
+
+
+def test_dycoke_preset_matches_reference(tiny_model, references):
+    result = run_offline(tiny_model, VIDEOS, DYCOKE)
+    refs = references["dycoke"]
+    assert all(len(ref.dp_trace) == 11 for ref in refs)  # every decode step decided (11 after the first token)
+    assert all(len(sel) == int(TTM(prune_ratio=0.7).num_kept_tokens(r["frames"], 196) * 0.3)
+               for r, ref in zip(VIDEOS, refs) for _, sel in ref.dp_trace if sel is not None)
+    assert_same_as_reference(result["outputs"], refs)
+
+
+@pytest.mark.parametrize("name, dp", [("reuse", REUSE), ("official", OFFICIAL)])
+def test_stable_steps_match_reference(tiny_model, references, name, dp):
+    refs = references[name]
+    selections = [sel for ref in refs for _, sel in ref.dp_trace]
+    if name == "reuse":  # some steps reuse the previous selection, some choose anew
+        assert any(a == b for a, b in zip(selections, selections[1:])) and len(set(map(tuple, selections))) > 2
+    else:  # some steps attend to every visual token
+        assert None in selections and any(s is not None for s in selections)
+    assert_same_as_reference(run_offline(tiny_model, VIDEOS[:2], dp_config(dp))["outputs"], refs)
+
+
+def test_dycoke_changes_the_output(dense, prompt, references):
+    """The tests above could not see a wrong selection if pruning changed nothing."""
+    ttm_only = [dense.generate(load_video(r), prompt, TTM(prune_ratio=0.7), r["max_tokens"]).tokens for r in VIDEOS]
+    assert ttm_only != [ref.tokens for ref in references["dycoke"]]
+
+
+@pytest.fixture(scope="module")
+def vanilla_text(tiny_model):
+    return run_offline(tiny_model, TEXT, plugins=False)["outputs"]
+
+
+def test_mixed_batch_dycoke_and_plain_requests(tiny_model, references, vanilla_text):
+    batch = [VIDEOS[0], TEXT[0], VIDEOS[1], TEXT[1], VIDEOS[2]]
+    outputs = run_offline(tiny_model, batch, DYCOKE, batch=True)["outputs"]
+    assert [outputs[i]["tokens"] for i in (0, 2, 4)] == [ref.tokens for ref in references["dycoke"]]
+    assert [outputs[i]["tokens"] for i in (1, 3)] == [o["tokens"] for o in vanilla_text]
+
+
+def test_chunked_prefill(tiny_model, references):
+    kwargs = {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}
+    outputs = run_offline(tiny_model, VIDEOS, DYCOKE, llm_kwargs=kwargs)["outputs"]
+    assert_same_as_reference(outputs, references["dycoke"])
+
+
+def test_preemption_under_kv_pressure(tiny_model, references):
+    """Two 16-frame requests, KV for only one to grow: one is preempted and recomputed,
+    its decode-time views replayed per position; outputs equal the unpressured run."""
+    requests = [dict(VIDEOS[0], max_tokens=40), dict(frames=16, seed=53, max_tokens=40)]
+    kwargs = {"num_gpu_blocks_override": 25, "max_model_len": 3072}  # 2 x 12 prompt blocks of 128 fit
+    pressured = run_offline(tiny_model, requests, DYCOKE, llm_kwargs=kwargs, batch=True)["outputs"]
+    assert sum(o["num_preemptions"] for o in pressured) >= 1
+    alone = run_offline(tiny_model, requests, DYCOKE)["outputs"]
+    assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]

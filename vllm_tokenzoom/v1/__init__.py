@@ -1,0 +1,1 @@
+"""Extensions of vLLM's v1 engine; the tree mirrors ``vllm/v1``."""

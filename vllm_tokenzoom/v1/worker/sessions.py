@@ -1,0 +1,102 @@
+"""Worker-side tokenzoom state of each running request (decode-time methods).
+
+A :class:`RequestSession` holds one request's token view and the state its decode-time
+policy carries between steps. The model-runner hook (``patches.py``) publishes, before
+each step's attention metadata is built, which session each batch row belongs to
+(``current_rows``), creates sessions for new requests and drops those vLLM no longer
+holds (finished, aborted, preempted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_tokenzoom.kv.view import KVPlan, TokenView
+from vllm_tokenzoom.methods.dp import DP, DPState
+
+SESSIONS: dict[str, "RequestSession"] = {}
+_ROWS: list["RequestSession | None"] = []  # batch row -> session, this step
+
+
+@dataclass
+class RequestSession:
+    req_id: str
+    num_prompt_tokens: int
+    visual_positions: torch.Tensor  # [V] int64 token positions of the request's visual tokens
+    dp: DP
+    view: TokenView = field(init=False)
+    dp_state: DPState = field(default_factory=DPState)
+    # per decode step: (position of the query, selection in force as visual indices or None)
+    trace: list[tuple[int, list[int] | None]] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
+
+    def undecided_query(self, layer: int, first_query: int, seq_len: int) -> int | None:
+        """Row-local index of the query DyCoke must decide for at this layer, if any: the
+        last query of the row when it is a generated position not decided yet. (A decode
+        step; or the last query of a recomputation after preemption, whose earlier
+        generated positions were decided before.)"""
+        last = seq_len - 1
+        if layer != self.dp.score_layer or last < self.num_prompt_tokens or last <= self.view.last_position:
+            return None
+        return last - first_query
+
+    def multiplicities(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
+        """[nq, seq_len] multiplicities for the row's queries at ``first_query..seq_len-1``
+        (each query gets the view in force at its position), or None when all are 1."""
+        if self.view.group_of(layer) == 0 or not self.view.history or seq_len - 1 < self.view.history[0][0]:
+            return None
+        rows = [self.view.at(q).multiplicity(layer, seq_len) for q in range(first_query, seq_len)]
+        if all(r is None for r in rows):
+            return None
+        return torch.stack([torch.ones(seq_len) if r is None else r for r in rows])
+
+    def decide(self, position: int, probs: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
+        """probs: [Hq, n] attention of the query at ``position`` over the key positions
+        ``keys`` [n] at the score layer. DyCoke's selection for layers >= L from there on."""
+        mass = torch.zeros(seq_len)
+        mass[keys] = probs.float().mean(0)
+        decision = self.dp.decide(mass[self.visual_positions], self.dp_state)
+        self.dp_state = decision.state
+        self.view.apply(dp_plan(decision.selection, self.visual_positions), at_position=position)
+        self.trace.append((position, None if decision.selection is None else decision.selection.tolist()))
+
+
+def dp_plan(selection: torch.Tensor | None, visual_positions: torch.Tensor) -> KVPlan:
+    """Layers >= L attend to the selected visual tokens only (None: to all of them)."""
+    if selection is None:
+        return KVPlan(group=1, positions=torch.empty(0, dtype=torch.int64), values=torch.empty(0), reset=True)
+    dropped = torch.ones(visual_positions.numel(), dtype=torch.bool)
+    dropped[selection] = False
+    positions = visual_positions[dropped]
+    return KVPlan(group=1, positions=positions, values=torch.zeros(positions.numel()), reset=True)
+
+
+def video_positions(mm_features) -> torch.Tensor:
+    """Token positions of every video's visual tokens (each video's trailing newline excluded)."""
+    spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length - 1)
+             for f in mm_features if f.modality == "video"]
+    return torch.cat(spans) if spans else torch.empty(0, dtype=torch.int64)
+
+
+def publish_rows(req_ids: list[str], requests: dict, dp: DP | None) -> None:
+    """Called by the runner hook once per step, before attention metadata is built."""
+    for gone in [rid for rid in SESSIONS if rid not in requests]:
+        del SESSIONS[gone]
+    rows = []
+    for rid in req_ids:
+        session = SESSIONS.get(rid)
+        if session is None and dp is not None:
+            state = requests[rid]
+            positions = video_positions(state.mm_features)
+            if positions.numel():
+                session = SESSIONS[rid] = RequestSession(rid, state.num_prompt_tokens, positions, dp)
+        rows.append(session)
+    _ROWS[:] = rows
+
+
+def current_rows() -> list[RequestSession | None] | None:
+    """Sessions of this step's batch rows, or None when no row has one (the fast path)."""
+    return list(_ROWS) if any(r is not None for r in _ROWS) else None
