@@ -5,13 +5,13 @@ evicting must equal leaving it out; reviving must bring it back. Checked with ra
 evict / duplicate / revive sequences (hypothesis) through the paged gather with plain and
 packed (transposed-K) block layouts, GQA 14/2, head sizes 32 and 64.
 """
-import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.paged_cache import paged_cache
 from vllm_tokenzoom.kv.view import KVPlan, TokenView
 from vllm_tokenzoom.ops.paged_attention_ref import indexed_paged_attention
 
@@ -24,24 +24,6 @@ def dense_attention(query, keys, values, scale):
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     p = torch.softmax(torch.einsum("qhd,khd->hqk", query.float(), k) * scale, dim=-1)
     return torch.einsum("hqk,khd->qhd", p, v)
-
-
-def paged_cache(k, v, block_size, layout, seed):
-    """Scatter K/V [L, Hkv, hs] into a shuffled paged cache; -> regions, offsets, block row."""
-    seq_len, hkv, hs = k.shape
-    num_logical = math.ceil(seq_len / block_size)
-    gen = torch.Generator().manual_seed(seed)
-    block_row = torch.randperm(num_logical + 3, generator=gen)[:num_logical]  # physical block per logical
-    t, d = torch.meshgrid(torch.arange(block_size), torch.arange(hs), indexing="ij")
-    v_off = t * hs + d
-    k_off = v_off if layout == "plain" else d * block_size + t  # "packed": K transposed [hs, B]
-    k_region = torch.full((num_logical + 3, hkv, block_size * hs), float("nan"))
-    v_region = k_region.clone()
-    for p in range(seq_len):
-        blk, off = block_row[p // block_size], p % block_size
-        k_region[blk, :, k_off[off]] = k[p]
-        v_region[blk, :, v_off[off]] = v[p]
-    return k_region, v_region, k_off, v_off, block_row
 
 
 OPS = st.lists(st.tuples(st.sampled_from(["evict", "dup", "revive"]), st.integers(0, 10_000), st.integers(2, 4)),
@@ -67,10 +49,10 @@ def test_view_equals_dense_attention_over_the_listed_tokens(ops, seq_len, head_s
     listed = [p for p in range(seq_len) for _ in range(m[p])]
     expected = dense_attention(query, [k[p] for p in listed], [v[p] for p in listed], 0.125)
     regions = paged_cache(k, v, block_size, layout, seed)
-    out, probs, keys = indexed_paged_attention(query, *regions, seq_len, view.multiplicity(0, seq_len), 0.125)
+    out, mass, keys = indexed_paged_attention(query, *regions, seq_len, view.multiplicity(0, seq_len), 0.125)
     torch.testing.assert_close(out.float(), expected, rtol=1e-5, atol=1e-5)
     assert keys.tolist() == [p for p in range(seq_len) if m[p] > 0]  # evicted tokens are never read
-    torch.testing.assert_close(probs.sum(-1), torch.ones(hq, 1))
+    torch.testing.assert_close(mass.sum(-1), torch.ones(1))
 
 
 def test_everything_evicted_but_one_token_and_block_edges():
@@ -80,7 +62,7 @@ def test_everything_evicted_but_one_token_and_block_edges():
     for survivor in (0, 31, 32, 63):  # first and last slot of each block
         m = torch.zeros(seq_len)
         m[survivor] = 3.0
-        out, probs, keys = indexed_paged_attention(query, *paged_cache(k, v, block_size, "packed", 0), seq_len, m, 0.2)
+        out, mass, keys = indexed_paged_attention(query, *paged_cache(k, v, block_size, "packed", 0), seq_len, m, 0.2)
         assert keys.tolist() == [survivor]
         torch.testing.assert_close(out, v[survivor].repeat_interleave(7, 0)[None])
 

@@ -40,8 +40,9 @@ def assert_same_as_reference(outputs, refs):
         assert got["tokens"] == ref.tokens
 
 
-def test_dycoke_preset_matches_reference(tiny_model, references):
-    result = run_offline(tiny_model, VIDEOS, DYCOKE)
+@pytest.mark.parametrize("kernels", ["cpp", "torch"])
+def test_dycoke_preset_matches_reference(tiny_model, references, kernels):
+    result = run_offline(tiny_model, VIDEOS, DYCOKE, env={"TOKENZOOM_KERNELS": kernels})
     refs = references["dycoke"]
     assert all(len(ref.dp_trace) == 11 for ref in refs)  # every decode step decided (11 after the first token)
     assert all(len(sel) == int(TTM(prune_ratio=0.7).num_kept_tokens(r["frames"], 196) * 0.3)

@@ -1,8 +1,68 @@
 """Attention kernels over a paged KV cache read through a token view.
 
-One dispatch point, ``indexed_paged_attention``: today the torch reference
-(``paged_attention_ref``); compiled kernels plug in here.
+One dispatch point, :func:`indexed_paged_attention`. Each kernel sits next to its torch
+reference (``paged_attention_ref.py``):
+- ``cpp``: ``csrc/indexed_attention.cpp`` (built by setup.py), one decode query on CPU;
+- ``triton``: ``triton_kernels/indexed_attention.py``, one decode query (decode attention
+  + fused head-averaged key mass from the log-sum-exp); on CPU only under ``TRITON_INTERPRET=1``;
+- ``torch``: the reference, any number of queries with per-query views.
+``TOKENZOOM_KERNELS`` picks one (default ``auto``: Triton for a single decode query on
+CUDA, the C++ kernel for one on CPU when built, else the reference).
 """
-from vllm_tokenzoom.ops.paged_attention_ref import indexed_paged_attention
+from __future__ import annotations
 
-__all__ = ["indexed_paged_attention"]
+import os
+
+import torch
+
+from vllm_tokenzoom.ops import paged_attention_ref as ref
+
+KERNELS = ("auto", "torch", "cpp", "triton")
+
+
+def kernel_choice() -> str:
+    choice = os.environ.get("TOKENZOOM_KERNELS", "auto")
+    if choice not in KERNELS:
+        raise ValueError(f"TOKENZOOM_KERNELS = {choice!r} is not known; allowed: {', '.join(KERNELS)}")
+    return choice
+
+
+def cpp_ops():
+    """The compiled CPU kernels, or None when the extension is not built."""
+    try:
+        from vllm_tokenzoom import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
+                            multiplicity: torch.Tensor | None, scale: float):
+    """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n])."""
+    choice = kernel_choice()
+    single = query.shape[0] == 1 and (multiplicity is None or multiplicity.dim() == 1 or multiplicity.shape[0] == 1)
+    if single and (choice == "triton" or (choice == "auto" and query.is_cuda)):
+        from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
+
+        m = None if multiplicity is None else multiplicity.reshape(-1)
+        keys, bias = ref.keys_and_bias(m, seq_len)
+        keys = keys.to(query.device)
+        bias = None if bias is None else bias.to(query.device)
+        args = (k_region, k_offsets, block_row, keys, bias)
+        out, lse = indexed_decode_attention(query[0], k_region, v_region, k_offsets, v_offsets, block_row, keys,
+                                            bias, scale)
+        return out[None].to(query.dtype), key_mass(query[0], *args, lse, scale)[None], keys
+    if choice in ("auto", "cpp") and single and not query.is_cuda and cpp_ops() is not None:
+        m = None if multiplicity is None else multiplicity.reshape(-1)
+        keys, bias = ref.keys_and_bias(m, seq_len)
+        out, probs = cpp_ops().indexed_decode_attention(
+            query[0], k_region, v_region, k_offsets, v_offsets, block_row, keys,
+            torch.empty(0) if bias is None else bias, scale)
+        return out[None].to(query.dtype), probs.mean(0)[None], keys
+    if choice in ("cpp", "triton") and single:
+        raise RuntimeError(f"TOKENZOOM_KERNELS={choice}, but that kernel cannot run this call (not built)")
+    return ref.indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len,
+                                       multiplicity, scale)
+
+
+__all__ = ["indexed_paged_attention", "kernel_choice", "cpp_ops"]

@@ -45,22 +45,27 @@ def biased_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     return out.to(query.dtype), probs
 
 
+def keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
+    """-> the positions to read [n] (those some query reads) and their logit bias ``log m``
+    ([n] or [nq, n]; -inf where a query must not read a key), or None when all m are 1."""
+    if multiplicity is None:
+        return torch.arange(seq_len), None
+    m = multiplicity[..., :seq_len].float()
+    keys = ((m > 0) if m.dim() == 1 else (m > 0).any(0)).nonzero().squeeze(1)
+    return keys, torch.log(m[..., keys])
+
+
 def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
                             multiplicity: torch.Tensor | None, scale: float):
     """The last ``nq`` tokens of a sequence of ``seq_len`` attend to positions ``0..seq_len-1``
     weighted by ``multiplicity``: [seq_len] for every query, [nq, seq_len] per query, or None
     (all 1). Positions no query reads (``m = 0``) are not gathered.
 
-    returns out [nq, Hq, hs], probs [Hq, nq, n] and the positions read, keys [n].
+    returns out [nq, Hq, hs], the attention mass of each key averaged over heads
+    ``mass`` [nq, n] (float32), and the positions read, keys [n].
     """
     nq = query.shape[0]
-    if multiplicity is None:
-        keys = torch.arange(seq_len)
-        bias = None
-    else:
-        m = multiplicity[..., :seq_len].float()
-        keys = ((m > 0) if m.dim() == 1 else (m > 0).any(0)).nonzero().squeeze(1)
-        bias = torch.log(m[..., keys])  # log 0 = -inf: a query that must not read the key
+    keys, bias = keys_and_bias(multiplicity, seq_len)
     k, v = gather_kv(k_region, v_region, k_offsets, v_offsets, block_row, keys)
     out, probs = biased_attention(query, k, v, keys, torch.arange(seq_len - nq, seq_len), bias, scale)
-    return out, probs, keys
+    return out, probs.mean(0), keys

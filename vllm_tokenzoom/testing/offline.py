@@ -27,14 +27,15 @@ ENV = {
 
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
-                batch: bool = False, timeout: float = 600) -> dict[str, Any]:
+                batch: bool = False, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video) or
     ``video_file``; ``max_tokens``; ``question``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
-    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces)."""
+    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces).
+    ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``)."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
                llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch)
-    env = {**os.environ, **ENV}
+    env = {**os.environ, **ENV, **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
     proc = subprocess.run([sys.executable, "-m", "vllm_tokenzoom.testing.offline"], input=json.dumps(job),

@@ -53,12 +53,12 @@ class RequestSession:
             return None
         return torch.stack([torch.ones(seq_len) if r is None else r for r in rows])
 
-    def decide(self, position: int, probs: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
-        """probs: [Hq, n] attention of the query at ``position`` over the key positions
-        ``keys`` [n] at the score layer. DyCoke's selection for layers >= L from there on."""
-        mass = torch.zeros(seq_len)
-        mass[keys] = probs.float().mean(0)
-        decision = self.dp.decide(mass[self.visual_positions], self.dp_state)
+    def decide(self, position: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
+        """mass: [n] head-averaged attention of the query at ``position`` over the key
+        positions ``keys`` [n] at the score layer. DyCoke's selection for layers >= L from there on."""
+        per_position = torch.zeros(seq_len)
+        per_position[keys] = mass.float()
+        decision = self.dp.decide(per_position[self.visual_positions], self.dp_state)
         self.dp_state = decision.state
         self.view.apply(dp_plan(decision.selection, self.visual_positions), at_position=position)
         self.trace.append((position, None if decision.selection is None else decision.selection.tolist()))

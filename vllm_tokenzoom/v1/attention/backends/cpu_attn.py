@@ -73,13 +73,13 @@ class TokenZoomCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         regions = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * self.head_size)
         k_offsets, v_offsets = kv_offsets(layer.isa, kv_cache.dtype, block_size, self.head_size)
-        out, probs, keys = indexed_paged_attention(
+        out, mass, keys = indexed_paged_attention(
             query[start:end], regions[:, :, 0], regions[:, :, 1], k_offsets, v_offsets,
             md.block_table[row], seq_len, multiplicity, self.scale,
         )
         output[start:end] = out.view(output[start:end].shape)
         if undecided is not None:
-            session.decide(first_query + undecided, probs[:, undecided, :], keys, seq_len)
+            session.decide(first_query + undecided, mass[undecided], keys, seq_len)
 
 
 class TokenZoomCPUAttentionBackend(CPUAttentionBackend):
