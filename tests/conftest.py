@@ -1,7 +1,17 @@
-"""Shared fixtures: the tiny LLaVA-OneVision checkpoint is built once per session (about 4 s)."""
+"""Shared fixtures: the tiny LLaVA-OneVision checkpoint is built once per session (about 4 s).
+
+Without a GPU, Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 is set here,
+before anything imports Triton (its JIT reads it when a kernel is decorated).
+"""
 from __future__ import annotations
 
-import pytest
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,7 @@
 """Triton kernels (triton_kernels/indexed_attention.py) against the torch reference, and
-the tiny model through real vLLM on them.
-
-Without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1, set for this module
-before the kernels are first imported; the JIT reads it when a kernel is decorated).
-With a GPU they run natively.
+the tiny model through real vLLM on them. Without a GPU they run in Triton's interpreter
+(conftest sets TRITON_INTERPRET=1); with one, natively.
 """
-import os
-
 import pytest
 import torch
 
@@ -15,17 +10,6 @@ from vllm_tokenzoom.ops import indexed_paged_attention
 from vllm_tokenzoom.ops import paged_attention_ref as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_without_gpu():
-    if DEVICE == "cuda":
-        yield
-        return
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    yield
-    mp.undo()
 
 # (seq_len, block size, (q heads, kv heads), head size, layout, multiplicity kind, dtype)
 CASES = [
