@@ -4,9 +4,10 @@ Registered as an override of ``CPU_ATTN`` (the CPU platform always picks it and 
 ``--attention-backend``). Per layer call:
 - fast path: no batch row belongs to a tokenzoom session, or none needs anything at this
   layer -> the stock kernel, unchanged;
-- indexed path: the stock kernel runs for the batch, then each row that has a modified
-  view at this layer, or whose policy wants scores here, is recomputed over the kept
-  positions with the ``log m`` bias, and the scores go to its session.
+- indexed path: each row that has a modified view at this layer, or whose policy wants
+  scores here, is computed over the kept positions with the ``log m`` bias, and the
+  scores go to its session; if other rows remain, the stock kernel runs for the batch
+  first and the indexed rows overwrite their part.
 """
 from __future__ import annotations
 
@@ -51,25 +52,44 @@ class TokenZoomCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 class TokenZoomCPUAttentionBackendImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                 output_scale, output_block_scale)
         rows = getattr(attn_metadata, "tz_rows", None)
-        if rows is None or self.attn_type != AttentionType.DECODER:
-            return output
-        layer_index = extract_layer_index(layer.layer_name)
-        for row, session in enumerate(rows):
-            if session is not None:
-                self._indexed_row(layer, layer_index, row, session, query, kv_cache, attn_metadata, output)
+        plans = None
+        if rows is not None and self.attn_type == AttentionType.DECODER:
+            plans = self._plan_rows(extract_layer_index(layer.layer_name), rows, attn_metadata)
+        if not plans:  # fast path: the stock kernel, unchanged
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        num_rows = sum(1 for r in range(len(rows)) if self._row_span(attn_metadata, r)[1] > 0)
+        if len(plans) < num_rows:  # some rows read the cache as usual: stock kernel for the batch first
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        for plan in plans:
+            self._indexed_row(layer, query, kv_cache, attn_metadata, output, *plan)
         return output
 
-    def _indexed_row(self, layer, layer_index, row, session, query, kv_cache, md, output) -> None:
+    @staticmethod
+    def _row_span(md, row: int) -> tuple[int, int]:
         start, end = int(md.tz_query_start_loc[row]), int(md.tz_query_start_loc[row + 1])
-        seq_len = int(md.tz_seq_lens[row])
-        first_query = seq_len - (end - start)
-        multiplicity = session.multiplicities(layer_index, first_query, seq_len)  # [nq, seq_len] or None
-        undecided = session.undecided_query(layer_index, first_query, seq_len)
-        if end == start or (multiplicity is None and undecided is None):
-            return
+        return start, end - start
+
+    def _plan_rows(self, layer_index: int, rows, md) -> list[tuple]:
+        """The rows that need the indexed path at this layer, with what they need."""
+        plans = []
+        for row, session in enumerate(rows):
+            start, num_queries = self._row_span(md, row)
+            if session is None or num_queries == 0:
+                continue
+            seq_len = int(md.tz_seq_lens[row])
+            first_query = seq_len - num_queries
+            multiplicity = session.multiplicities(layer_index, first_query, seq_len)  # [nq, seq_len] or None
+            undecided = session.undecided_query(layer_index, first_query, seq_len)
+            if multiplicity is not None or undecided is not None:
+                plans.append((row, session, start, num_queries, seq_len, multiplicity, undecided))
+        return plans
+
+    def _indexed_row(self, layer, query, kv_cache, md, output, row, session, start, num_queries, seq_len,
+                     multiplicity, undecided) -> None:
+        end = start + num_queries
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         regions = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * self.head_size)
         k_offsets, v_offsets = kv_offsets(layer.isa, kv_cache.dtype, block_size, self.head_size)
@@ -79,7 +99,7 @@ class TokenZoomCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         )
         output[start:end] = out.view(output[start:end].shape)
         if undecided is not None:
-            session.decide(first_query + undecided, mass[undecided], keys, seq_len)
+            session.decide(seq_len - num_queries + undecided, mass[undecided], keys, seq_len)
 
 
 class TokenZoomCPUAttentionBackend(CPUAttentionBackend):
