@@ -4,7 +4,10 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The C++ CPU kernels build without CUDA (CPU machines, CI). The CUDA path needs no
 # compilation at install: its kernels are Triton, compiled when first used.
-EXT = CppExtension("vllm_tokenzoom._C", ["csrc/indexed_attention.cpp"], extra_compile_args=["-O3", "-fopenmp"],
+# -march=native: the extension is built where it runs (pip install on the machine itself);
+# -fno-math-errno lets the softmax's expf vectorise (glibc libmvec).
+EXT = CppExtension("vllm_tokenzoom._C", ["csrc/indexed_attention.cpp"],
+                   extra_compile_args=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                    extra_link_args=["-fopenmp"])
 
 setup(

@@ -12,6 +12,7 @@ CUDA, the C++ kernel for one on CPU when built, else the reference).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -36,6 +37,22 @@ def cpp_ops():
     return _C
 
 
+_EMPTY = torch.empty(0)
+_LAYOUTS: dict[int, tuple[weakref.ref, int]] = {}  # id(offsets) -> (weak ref, code)
+
+
+def layout_code(offsets: torch.Tensor, transposed_ok: bool = False) -> int:
+    """1 if ``offsets[t, d] == t * hs + d`` (plain), 2 if ``d * B + t`` (transposed), else 0.
+    Remembered per offsets tensor (vLLM's come from a cache, so each is checked once)."""
+    ref_, code = _LAYOUTS.get(id(offsets), (None, None))
+    if ref_ is None or ref_() is not offsets:
+        block, head = offsets.shape
+        t, d = torch.meshgrid(torch.arange(block), torch.arange(head), indexing="ij")
+        code = 1 if torch.equal(offsets, t * head + d) else 2 if torch.equal(offsets, d * block + t) else 0
+        _LAYOUTS[id(offsets)] = (weakref.ref(offsets), code)
+    return code if (code != 2 or transposed_ok) else 0
+
+
 def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
                             multiplicity: torch.Tensor | None, scale: float):
     """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n])."""
@@ -56,8 +73,8 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
         m = None if multiplicity is None else multiplicity.reshape(-1)
         keys, bias = ref.keys_and_bias(m, seq_len)
         out, probs = cpp_ops().indexed_decode_attention(
-            query[0], k_region, v_region, k_offsets, v_offsets, block_row, keys,
-            torch.empty(0) if bias is None else bias, scale)
+            query[0], k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
+            layout_code(v_offsets), block_row, keys, _EMPTY if bias is None else bias, scale)
         return out[None].to(query.dtype), probs.mean(0)[None], keys
     if choice in ("cpp", "triton") and single:
         raise RuntimeError(f"TOKENZOOM_KERNELS={choice}, but that kernel cannot run this call (not built)")
