@@ -25,6 +25,7 @@ def apply_all() -> None:
     _patch_engine_args()
     _register_attention_backend()
     _patch_model_runner()
+    _patch_scheduler_cls()
 
 
 def apply_version_guard_only() -> None:
@@ -87,14 +88,17 @@ CPU_BACKEND = "vllm_tokenzoom.v1.attention.backends.cpu_attn.TokenZoomCPUAttenti
 
 
 def _patch_model_runner() -> None:
-    """Patch of ``GPUModelRunner._build_attention_metadata`` (v1/worker/gpu_model_runner.py:2249),
-    which the CPU runner inherits.
+    """Patches of ``GPUModelRunner`` (v1/worker/gpu_model_runner.py), which the CPU runner inherits.
 
     Why: V1 attention metadata carries no request ids, but the backend must know which
-    request (and so which token view) each batch row is. How: before the metadata is
-    built, publish row -> session (``v1/worker/sessions.publish_rows``), creating
-    sessions for new video requests and dropping those the runner no longer holds.
-    Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU.
+    request (and so which token view) each batch row is; and the scheduler must hear of
+    blocks that died. How: ``_build_attention_metadata`` (l.2249) first publishes
+    row -> session (``v1/worker/sessions.publish_rows``), creating sessions for new video
+    requests and dropping those the runner no longer holds; ``sample_tokens`` (l.4304)
+    attaches newly reclaimable blocks to its ``ModelRunnerOutput`` (an extra attribute,
+    which survives the pickled transport to the engine core; EMPTY_MODEL_RUNNER_OUTPUT is
+    never touched). Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``)
+    runs on CPU and vLLM has a block-release channel.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
@@ -109,8 +113,50 @@ def _patch_model_runner() -> None:
         publish_rows(self.input_batch.req_ids[:num_reqs], self.requests, _dp_of(self))
         return orig_build(self, *args, **kwargs)
 
+    orig_sample = GPUModelRunner.sample_tokens
+
+    def sample_tokens(self, *args, **kwargs):
+        """Also report blocks that became reclaimable (scheduler mixin), on the output."""
+        output = orig_sample(self, *args, **kwargs)
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR
+        from vllm_tokenzoom.v1.worker.sessions import SESSIONS, collect_reclaimable
+
+        if SESSIONS and isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+            report = collect_reclaimable(self.requests, block_size)
+            if report:
+                setattr(output, REPORT_ATTR, report)
+        return output
+
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    GPUModelRunner.sample_tokens = sample_tokens
     setattr(GPUModelRunner, _PATCHED, True)
+
+
+def _patch_scheduler_cls() -> None:
+    """Patch of ``SchedulerConfig.get_scheduler_cls`` (config/scheduler.py:228).
+
+    Why: block reclamation needs the scheduler to give back blocks of running requests.
+    How: whatever scheduler vLLM picks (sync, async, or a user's ``--scheduler-cls``) is
+    returned with :class:`TokenZoomSchedulerMixin` mixed in; without reports it only adds
+    an attribute lookup per step. Remove when: vLLM exposes a hook for freeing blocks of
+    running requests.
+    """
+    from vllm.config.scheduler import SchedulerConfig
+
+    if getattr(SchedulerConfig, _PATCHED, False):
+        return
+    orig = SchedulerConfig.get_scheduler_cls
+
+    def get_scheduler_cls(self):
+        from vllm_tokenzoom.v1.core.sched.scheduler import with_mixin
+
+        return with_mixin(orig(self))
+
+    SchedulerConfig.get_scheduler_cls = get_scheduler_cls
+    setattr(SchedulerConfig, _PATCHED, True)
 
 
 def _dp_of(runner):

@@ -19,12 +19,15 @@ import torch
 @dataclass(frozen=True)
 class KVPlan:
     """Set ``m[positions] = values`` in one layer group, after resetting it to all-ones if
-    ``reset``. Built by pure functions; :meth:`TokenView.apply` carries it out."""
+    ``reset``. ``permanent``: the positions set to 0 are dead for good in that group (never
+    revived; once a whole block is dead in every group, its memory can be given back).
+    Built by pure functions; :meth:`TokenView.apply` carries it out."""
 
     group: int
     positions: torch.Tensor  # [n] int64 token positions
     values: torch.Tensor  # [n] float32 multiplicities, >= 0
     reset: bool = False
+    permanent: bool = False
 
     def __post_init__(self):
         if self.positions.shape != self.values.shape or self.positions.dim() != 1:
@@ -47,6 +50,7 @@ class TokenView:
             raise ValueError(f"group starts must be increasing from 0, got {group_starts}")
         self.group_starts = tuple(group_starts)
         self._m: list[torch.Tensor | None] = [None] * len(group_starts)  # None: all ones
+        self._dead: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool) for _ in group_starts]
         self.history: list[tuple[int, KVPlan]] = []  # (query position, plan), in order
 
     def group_of(self, layer: int) -> int:
@@ -81,20 +85,33 @@ class TokenView:
     def apply(self, plan: KVPlan, at_position: int) -> None:
         if at_position < self.last_position:
             raise ValueError(f"plans apply in position order: {at_position} after {self.last_position}")
+        dead = self._dead[plan.group]
+        revived = plan.positions[(plan.positions < dead.numel()) & (plan.values > 0)]
+        if revived.numel() and bool(dead[revived].any()):
+            raise ValueError(f"positions {revived[dead[revived]].tolist()} are permanently evicted in group {plan.group}")
         self.history.append((at_position, plan))
-        if plan.reset:
-            self._m[plan.group] = None
-        if plan.positions.numel() == 0:
-            return
-        needed = int(plan.positions.max()) + 1
-        m = self._m[plan.group]
-        if m is None:
-            m = torch.ones(needed)
-        elif m.numel() < needed:
-            m = torch.cat((m, torch.ones(needed - m.numel())))
-        m = m.clone()
-        m[plan.positions] = plan.values.float()
-        self._m[plan.group] = None if bool((m == 1).all()) else m
+        group = plan.group
+        m = None if plan.reset else self._m[group]
+        needed = max(int(plan.positions.max()) + 1 if plan.positions.numel() else 0, dead.numel())
+        if plan.positions.numel() or (plan.reset and dead.any()):
+            m = torch.ones(needed) if m is None else torch.cat((m, torch.ones(max(needed - m.numel(), 0))))
+            m[plan.positions] = plan.values.float()
+            m[:dead.numel()][dead] = 0.0  # a reset never revives the dead
+        if plan.permanent and plan.positions.numel():
+            grown = torch.zeros(needed, dtype=torch.bool)
+            grown[:dead.numel()] = dead
+            grown[plan.positions[plan.values == 0]] = True
+            self._dead[group] = grown
+        self._m[group] = None if m is None or bool((m == 1).all()) else m
+
+    def dead_everywhere(self, length: int) -> torch.Tensor:
+        """[length] bool: positions permanently evicted in every layer group."""
+        out = torch.ones(length, dtype=torch.bool)
+        for dead in self._dead:
+            padded = torch.zeros(length, dtype=torch.bool)
+            padded[:min(length, dead.numel())] = dead[:length]
+            out &= padded
+        return out
 
     @property
     def modified(self) -> bool:

@@ -27,14 +27,17 @@ ENV = {
 
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
-                batch: bool = False, env: dict[str, str] | None = None, timeout: float = 600) -> dict[str, Any]:
+                batch: bool = False, env: dict[str, str] | None = None, preload: list[str] = (),
+                timeout: float = 600) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video) or
     ``video_file``; ``max_tokens``; ``question``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
     ``batch=True`` sends all requests in one ``generate`` call (no per-request traces).
-    ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``)."""
+    ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``). ``preload``: modules
+    the child imports before it builds the engine (test hooks; the engine runs in the
+    child's own process); a module's ``report()`` result comes back under ``reports``."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
-               llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch)
+               llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch, preload=list(preload))
     env = {**os.environ, **ENV, **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
@@ -56,6 +59,9 @@ def load_video(request: dict[str, Any]):
 
 def _child() -> None:
     job = json.loads(sys.stdin.read())
+    import importlib
+
+    hooks = [importlib.import_module(name) for name in job["preload"]]
     from vllm import LLM, SamplingParams
 
     from vllm_tokenzoom.testing.video import chat_prompt, text_prompt
@@ -84,6 +90,7 @@ def _child() -> None:
                     num_prompt_tokens=len(out.prompt_token_ids), seconds=seconds,
                     engine_ttft=getattr(out.metrics, "first_token_latency", None),
                     num_preemptions=getattr(out.metrics, "num_preemptions", None),
+                    decode_s=_decode_seconds(out),
                     kept=_last_kept(llm) if traced and traces else None,
                     dp_trace=_dp_trace(llm) if traces else None)
 
@@ -102,7 +109,15 @@ def _child() -> None:
         outputs = [result(o, time.perf_counter() - t0, traces=False) for o in outs]
     else:
         outputs = [run(req) for req in job["requests"]]
-    print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs)), flush=True)
+    reports = {h.__name__: h.report() for h in hooks if hasattr(h, "report")}
+    print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs, reports=reports)), flush=True)
+
+
+def _decode_seconds(out) -> float | None:
+    """Engine time from the first to the last generated token (None without stats)."""
+    m = out.metrics
+    first, last = getattr(m, "first_token_ts", 0.0), getattr(m, "last_token_ts", 0.0)
+    return last - first if first and last else None
 
 
 def _has_trace(llm) -> bool:

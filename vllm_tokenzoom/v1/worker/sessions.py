@@ -29,6 +29,7 @@ class RequestSession:
     dp_state: DPState = field(default_factory=DPState)
     # per decode step: (position of the query, selection in force as visual indices or None)
     trace: list[tuple[int, list[int] | None]] = field(default_factory=list)
+    reported_blocks: set[int] = field(default_factory=set)  # logical blocks handed back to the scheduler
 
     def __post_init__(self):
         self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
@@ -46,7 +47,7 @@ class RequestSession:
     def multiplicities(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
         """[nq, seq_len] multiplicities for the row's queries at ``first_query..seq_len-1``
         (each query gets the view in force at its position), or None when all are 1."""
-        if self.view.group_of(layer) == 0 or not self.view.history or seq_len - 1 < self.view.history[0][0]:
+        if not self.view.history or seq_len - 1 < self.view.history[0][0]:
             return None
         rows = [self.view.at(q).multiplicity(layer, seq_len) for q in range(first_query, seq_len)]
         if all(r is None for r in rows):
@@ -62,6 +63,34 @@ class RequestSession:
         self.dp_state = decision.state
         self.view.apply(dp_plan(decision.selection, self.visual_positions), at_position=position)
         self.trace.append((position, None if decision.selection is None else decision.selection.tolist()))
+
+
+def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_size: int) -> list[int]:
+    """Logical blocks of computed tokens, every one permanently evicted in every layer,
+    not reported yet (DESIGN.md §4.4). Marks them reported."""
+    full = num_computed_tokens // block_size
+    if full == 0:
+        return []
+    dead = session.view.dead_everywhere(full * block_size).view(full, block_size).all(dim=1)
+    blocks = [j for j in dead.nonzero().squeeze(1).tolist() if j not in session.reported_blocks]
+    session.reported_blocks.update(blocks)
+    return blocks
+
+
+def collect_reclaimable(requests: dict, block_size: int) -> dict[str, list[int]]:
+    """req_id -> newly reclaimable logical blocks, for every session (worker -> scheduler)."""
+    report = {}
+    for rid, session in SESSIONS.items():
+        state = requests.get(rid)
+        if state is None:
+            continue
+        if state.num_computed_tokens == 0:  # recomputed after preemption: its blocks are new again
+            session.reported_blocks.clear()
+            continue
+        blocks = reclaimable_blocks(session, state.num_computed_tokens, block_size)
+        if blocks:
+            report[rid] = blocks
+    return report
 
 
 def dp_plan(selection: torch.Tensor | None, visual_positions: torch.Tensor) -> KVPlan:

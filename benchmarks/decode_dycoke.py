@@ -1,0 +1,92 @@
+"""Decode speed of DyCoke (TTM + dynamic pruning) against vanilla vLLM, TTM alone and the
+oracle prompt, at batch 1 and batch 16 (issue #3, "Measure").
+
+Each setting runs in its own process (general plugins load once per process) on the same
+machine, one after the other: offline ``LLM``, in-process engine, fp32, eager; 16-frame
+videos, each request its own video; caches off. Decode step time = the engine's time from
+a request's first to its last token / (tokens - 1); tokens/s = all decoded tokens / the
+batch's decode wall time. The oracle prompt is vanilla vLLM given a video with about as
+many visual tokens as the setting attends to (DyCoke: 1480 in the first L=3 layers, 444 in
+the other 21 -> ~573 -> 3 frames; TTM: 1480 -> 8 frames).
+
+    python benchmarks/decode_dycoke.py [--model models/qwen2-0.5b] [--tokens 32] [--batches 1,16] [--quick]
+
+Writes benchmarks/results/decode_dycoke.{csv,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+
+from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
+
+SETTINGS = {  # name -> (additional_config, plugins loaded, frames)
+    "vanilla": ({}, False, 16),
+    "tokenzoom inactive": ({}, True, 16),
+    "ttm": ({"tokenzoom": {"preset": "ttm"}}, True, 16),
+    "dycoke": ({"tokenzoom": {"preset": "dycoke"}}, True, 16),
+    "oracle for ttm (8 frames)": ({}, False, 8),
+    "oracle for dycoke (3 frames)": ({}, False, 3),
+}
+
+
+def measure(model, name, batch, tokens, seed0):
+    config, plugins, frames = SETTINGS[name]
+    requests = [dict(frames=frames, seed=seed0 + i, max_tokens=tokens) for i in range(batch)]
+    warmup = [dict(frames=frames, seed=seed0 - 1, max_tokens=4)]
+    t0 = time.perf_counter()
+    result = run_offline(model, requests, config, plugins=plugins, batch=True, warmup=warmup, timeout=3600,
+                         llm_kwargs={"max_num_seqs": max(batch, 1), "max_model_len": 4096})
+    outs = result["outputs"]
+    steps = [o["decode_s"] / (tokens - 1) for o in outs if o["decode_s"]]
+    wall = max(o["seconds"] for o in outs)
+    return dict(setting=name, batch=batch, frames=frames, prompt_tokens=outs[0]["num_prompt_tokens"],
+                decode_step_ms=round(1000 * statistics.median(steps), 2),
+                decode_tokens_per_s=round(batch * (tokens - 1) / statistics.median(o["decode_s"] for o in outs), 2),
+                request_wall_s=round(wall, 2), process_s=round(time.perf_counter() - t0, 1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/qwen2-0.5b")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--quick", action="store_true", help="batch 1, 12 tokens")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.tokens = "1", 12
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for name in args.settings.split(","):
+            print(f"batch {batch}: {name}", flush=True)
+            rows.append(measure(args.model, name, batch, args.tokens, seed0=2000))
+            print(json.dumps(rows[-1]), flush=True)
+    base = {(r["batch"]): r for r in rows if r["setting"] == "vanilla"}
+    for r in rows:
+        if r["batch"] in base:
+            r["step_vs_vanilla"] = round(r["decode_step_ms"] / base[r["batch"]]["decode_step_ms"], 3)
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), model=args.model, tokens=args.tokens,
+                vllm=_version("vllm"), torch=_version("torch"), mode="offline LLM, in-process engine, eager, fp32")
+    path = RESULTS / "decode_dycoke.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*meta, *rows[0], "step_vs_vanilla"], extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r})
+    (RESULTS / "decode_dycoke.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Block reclamation: a mixin over vLLM's schedulers (sync ``Scheduler`` and
+``AsyncScheduler``) that gives back whole KV blocks of *running* requests (DESIGN.md §4.4).
+
+The worker reports, on its ``ModelRunnerOutput`` (``tokenzoom_free_blocks``: request id ->
+logical block indices), blocks whose every token is permanently evicted in every layer.
+The mixin replaces each with vLLM's null block in the request's block list and frees it,
+as vLLM does for sliding-window layers (``SingleTypeKVCacheManager.remove_skipped_blocks``):
+logical indices stay aligned, later allocations keep working, and the pool can hand the
+block to any request. The freeing request never reads those positions again (its view
+says so), so its output does not change.
+
+Async scheduling: a report is processed when step N's output arrives; the block can be
+allocated from the next schedule on, while only the freeing request's own steps may still
+be in flight, and those never read it. No deferred-free fence is needed.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.tokenzoom")
+REPORT_ATTR = "tokenzoom_free_blocks"
+
+
+class TokenZoomSchedulerMixin:
+    # (request id, logical block, physical block id) of every block freed, for tests and logs
+    tokenzoom_freed: list[tuple[str, int, int]]
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        report = getattr(model_runner_output, REPORT_ATTR, None)
+        if report:
+            for req_id, logical_blocks in report.items():
+                self._tokenzoom_free_blocks(req_id, logical_blocks)
+        return outputs
+
+    def _tokenzoom_free_blocks(self, req_id: str, logical_blocks: list[int]) -> None:
+        request = self.requests.get(req_id)
+        if request is None or request.is_finished():
+            return  # finished meanwhile: vLLM frees all of its blocks anyway
+        pool = self.kv_cache_manager.block_pool
+        freed = []
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            blocks = manager.req_to_blocks.get(req_id, [])
+            for j in logical_blocks:
+                if j < len(blocks) and not blocks[j].is_null:
+                    freed.append((j, blocks[j]))
+                    blocks[j] = pool.null_block
+        if not freed:
+            return
+        pool.free_blocks(block for _, block in freed)
+        if not hasattr(self, "tokenzoom_freed"):
+            self.tokenzoom_freed = []
+        self.tokenzoom_freed += [(req_id, j, block.block_id) for j, block in freed]
+        logger.debug("tokenzoom freed blocks %s of %s", [b.block_id for _, b in freed], req_id)
+
+
+def with_mixin(base: type) -> type:
+    """``base`` (a vLLM scheduler class) with block reclamation; idempotent."""
+    if issubclass(base, TokenZoomSchedulerMixin):
+        return base
+    return type("TokenZoom" + base.__name__, (TokenZoomSchedulerMixin, base), {})
