@@ -1,6 +1,5 @@
 """The served path: `vllm serve DIR --plugin tokenzoom` (DyCoke: TTM + dynamic pruning), the
 official `openai` client, video files and data URLs, concurrency, aborts and bad requests."""
-import json
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor

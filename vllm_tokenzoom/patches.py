@@ -76,15 +76,16 @@ def _register_attention_backend() -> None:
     registered backend takes its place.
     """
     from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND)  # chosen only with decode-time methods
 
 
 CPU_BACKEND = "vllm_tokenzoom.v1.attention.backends.cpu_attn.TokenZoomCPUAttentionBackend"
+CUDA_BACKEND = "vllm_tokenzoom.v1.attention.backends.triton_attn.TokenZoomTritonAttentionBackend"
 
 
 def _patch_model_runner() -> None:
@@ -222,6 +223,7 @@ def _patch_engine_args() -> None:
         self.hf_overrides = _with_tokenzoom(self.hf_overrides, config.to_dict())
         if config.dp is not None:
             _no_prefix_caching(self)
+            _cuda_backend(self)
         vllm_config = orig_create(self, *args, **kwargs)
         _check_architecture(vllm_config.model_config.architectures)
         _check_layers(config, vllm_config.model_config.hf_text_config.num_hidden_layers)
@@ -268,6 +270,21 @@ def _no_prefix_caching(engine_args) -> None:
             "do not match their hashes; drop --enable-prefix-caching (tokenzoom turns it off)"
         )
     engine_args.enable_prefix_caching = False
+
+
+def _cuda_backend(engine_args) -> None:
+    """On CUDA, decode-time methods need tokenzoom's backend (CUSTOM) and vLLM's V1 model
+    runner (the row -> request hook); not tested here (no GPU), see triton_attn.py."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    import os
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read when the engine's config is built, inherited by its processes
+    engine_args.attention_backend = AttentionBackendEnum.CUSTOM
 
 
 def _check_layers(config, num_layers: int) -> None:

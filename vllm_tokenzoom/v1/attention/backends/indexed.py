@@ -1,0 +1,99 @@
+"""The part of tokenzoom's attention backends that is the same on every platform.
+
+A backend impl mixes :class:`IndexedRowsMixin` in before the platform's impl and says
+where a layer's K and V live (:meth:`kv_regions`); its metadata builder publishes the
+batch rows' sessions with :func:`rows_fields`. Per layer call:
+- fast path: no row belongs to a tokenzoom session, or none needs anything at this layer
+  -> the platform's kernel, unchanged;
+- indexed path: each row that has a modified view at this layer, or whose policy wants
+  scores here, is computed over the kept positions with the ``log m`` bias, and the
+  scores go to its session; if other rows remain, the platform's kernel runs for the
+  batch first and the indexed rows overwrite their part.
+"""
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
+
+from vllm_tokenzoom.ops import indexed_paged_attention
+from vllm_tokenzoom.v1.worker.sessions import current_rows
+
+
+def rows_fields(common_attn_metadata) -> dict:
+    """Extra metadata fields: batch row -> session (None: fast path), query starts, seq lens (CPU)."""
+    rows = current_rows()
+    if rows is not None and len(rows) != common_attn_metadata.num_reqs:
+        rows = None  # not this step's batch (a profiling or dummy run)
+    if rows is None:
+        return dict(tz_rows=None, tz_query_start_loc=None, tz_seq_lens=None)
+    return dict(tz_rows=rows, tz_query_start_loc=common_attn_metadata.query_start_loc_cpu,
+                tz_seq_lens=common_attn_metadata.seq_lens.cpu())
+
+
+class IndexedRowsMixin:
+    def kv_regions(self, layer, kv_cache: torch.Tensor):
+        """-> (k_region, v_region [nb, Hkv, B*hs] views, k_offsets, v_offsets [B, hs])."""
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        rows = getattr(attn_metadata, "tz_rows", None)
+        plans = None
+        if rows is not None and self.attn_type == AttentionType.DECODER:
+            plans = self._plan_rows(extract_layer_index(layer.layer_name), rows, attn_metadata)
+        if not plans:  # fast path: the platform's kernel, unchanged
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        num_rows = sum(1 for r in range(len(rows)) if _row_span(attn_metadata, r)[1] > 0)
+        if len(plans) < num_rows:  # some rows read the cache as usual: the platform's kernel first
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                            output_block_scale)
+        regions = self.kv_regions(layer, kv_cache)
+        for plan in plans:
+            self._indexed_row(query, regions, attn_metadata, output, *plan)
+        return output
+
+    @staticmethod
+    def _plan_rows(layer_index: int, rows, md) -> list[tuple]:
+        """The rows that need the indexed path at this layer, with what they need."""
+        plans = []
+        for row, session in enumerate(rows):
+            start, num_queries = _row_span(md, row)
+            if session is None or num_queries == 0:
+                continue
+            seq_len = int(md.tz_seq_lens[row])
+            first_query = seq_len - num_queries
+            multiplicity = session.multiplicities(layer_index, first_query, seq_len)  # [nq, seq_len] or None
+            undecided = session.undecided_query(layer_index, first_query, seq_len)
+            if multiplicity is not None or undecided is not None:
+                plans.append((row, session, start, num_queries, seq_len, multiplicity, undecided))
+        return plans
+
+    def _indexed_row(self, query, regions, md, output, row, session, start, num_queries, seq_len, multiplicity,
+                     undecided) -> None:
+        end = start + num_queries
+        k_region, v_region, k_offsets, v_offsets = regions
+        out, mass, keys = indexed_paged_attention(query[start:end], k_region, v_region, k_offsets, v_offsets,
+                                                  md.block_table[row], seq_len, multiplicity, self.scale)
+        output[start:end] = out.view(output[start:end].shape)
+        if undecided is not None:
+            session.decide(seq_len - num_queries + undecided, _all_heads(mass[undecided], self.num_heads), keys,
+                           seq_len)
+
+
+def _all_heads(mass: torch.Tensor, local_heads: int) -> torch.Tensor:
+    """Head-averaged mass over *all* heads: with tensor parallelism each rank holds some of
+    them, so the ranks' sums are all-reduced and every rank decides the same (same rows, same
+    order on every rank). Not exercised here: no multi-rank test on this machine."""
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    world = get_tensor_model_parallel_world_size()
+    if world == 1:
+        return mass
+    return tensor_model_parallel_all_reduce(mass * local_heads) / (local_heads * world)
+
+
+def _row_span(md, row: int) -> tuple[int, int]:
+    start, end = int(md.tz_query_start_loc[row]), int(md.tz_query_start_loc[row + 1])
+    return start, end - start
