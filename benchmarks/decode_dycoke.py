@@ -100,7 +100,12 @@ def main(argv=None) -> None:
             w.writeheader()
         for r in rows:
             w.writerow({**meta, **r})
-    (RESULTS / "decode_dycoke.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    # the JSON keeps the latest row of each (batch, setting): runs of other batches are kept
+    path_json = RESULTS / "decode_dycoke.json"
+    kept = json.loads(path_json.read_text())["rows"] if path_json.exists() else []
+    fresh = {(r["batch"], r["setting"]) for r in rows}
+    rows_all = [r for r in kept if (r["batch"], r["setting"]) not in fresh] + [dict(r, **meta) for r in rows]
+    path_json.write_text(json.dumps(dict(meta=meta, rows=sorted(rows_all, key=lambda r: r["batch"])), indent=1) + "\n")
     print(f"wrote {path}")
 
 

@@ -28,46 +28,62 @@ struct Shape {
 };
 
 // logits[g * n + j] = q_g . k_j for the query heads g of one KV head.
-// slot[j] = keys[j] % B and block[j] = block_row[keys[j] / B]: computed once per call
+constexpr int64_t kLanes = 16;  // one AVX-512 register of floats; the compiler keeps acc[] in it
+
+// Transposed K (element (t, d) at d * B + t): logits of all B slots of one block for one query
+// head, 16 slots at a time, accumulated over d in registers. -> tmp[0..B)
+template <typename T>
+inline void qk_block_transposed(const float* qg, const T* base, int64_t B, int64_t hs, float* tmp) {
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= B; t0 += kLanes) {
+    float acc[kLanes] = {0.f};
+    for (int64_t d = 0; d < hs; ++d) {
+      const T* col = base + d * B + t0;
+      const float qd = qg[d];
+#pragma omp simd
+      for (int64_t i = 0; i < kLanes; ++i) acc[i] += qd * static_cast<float>(col[i]);
+    }
+    for (int64_t i = 0; i < kLanes; ++i) tmp[t0 + i] = acc[i];
+  }
+  for (; t0 < B; ++t0) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < hs; ++d) acc += qg[d] * static_cast<float>(base[d * B + t0]);
+    tmp[t0] = acc;
+  }
+}
+
+// slot[j] = keys[j] % B and block[j] = block_row[keys[j] / B]: computed once per call.
+// logits[g * n + j] = q_g . k_j for the query heads g of one KV head.
 template <typename T>
 void qk(const float* q, const T* k_region, const int64_t* k_off, int64_t k_layout, const int64_t* slot,
         const int64_t* block, const Shape& s, int64_t kv_head, float* logits) {
   const int64_t hs = s.head_size, B = s.block_size, n = s.n;
-  std::fill(logits, logits + s.group * n, 0.f);
+  std::vector<float> tmp(B);
   int64_t j0 = 0;
   while (j0 < n) {  // keys are ascending: walk them block by block
     int64_t j1 = j0;
     while (j1 < n && block[j1] == block[j0]) ++j1;
     const T* base = k_region + block[j0] * s.block_stride + kv_head * s.head_stride;
-    const bool dense_run = slot[j1 - 1] - slot[j0] == j1 - 1 - j0;  // consecutive slots
     for (int64_t g = 0; g < s.group; ++g) {
       const float* qg = q + g * hs;
       float* lg = logits + g * n;
-      if (k_layout == kTransposed) {
-        for (int64_t d = 0; d < hs; ++d) {
-          const T* col = base + d * B;
-          const float qd = qg[d];
-          if (dense_run) {
-            const T* c = col + slot[j0];
-            float* l = lg + j0;
-            for (int64_t j = 0; j < j1 - j0; ++j) l[j] += qd * static_cast<float>(c[j]);
-          } else {
-            for (int64_t j = j0; j < j1; ++j) lg[j] += qd * static_cast<float>(col[slot[j]]);
-          }
+      if (k_layout == kTransposed) {  // every slot of the block at SIMD speed, then pick the kept ones
+        qk_block_transposed(qg, base, B, hs, tmp.data());
+        for (int64_t j = j0; j < j1; ++j) lg[j] = tmp[slot[j]];
+        continue;
+      }
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t t = slot[j];
+        float dot = 0.f;
+        if (k_layout == kPlain) {
+          const T* row = base + t * hs;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(row[d]);
+        } else {
+          const int64_t* offs = k_off + t * hs;
+          for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(base[offs[d]]);
         }
-      } else {
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t t = slot[j];
-          float dot = 0.f;
-          if (k_layout == kPlain) {
-            const T* row = base + t * hs;
-            for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(row[d]);
-          } else {
-            const int64_t* offs = k_off + t * hs;
-            for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(base[offs[d]]);
-          }
-          lg[j] = dot;
-        }
+        lg[j] = dot;
       }
     }
     j0 = j1;
@@ -113,6 +129,7 @@ void decode_kernel(const float* q, const T* k_region, const T* v_region, const i
           const float p = ph[j];
           if (v_layout == kPlain) {
             const T* row = base + t * hs;
+#pragma omp simd
             for (int64_t d = 0; d < hs; ++d) oh[d] += p * static_cast<float>(row[d]);
           } else {
             const int64_t* offs = v_off + t * hs;

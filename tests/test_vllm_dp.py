@@ -1,6 +1,7 @@
 """DyCoke inside vLLM against the dense HF reference: same selected tokens at every decode
 step, same greedy tokens (fp32); in mixed batches, under chunked prefill and preemption."""
 import pytest
+import torch
 
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
@@ -94,3 +95,16 @@ def test_preemption_under_kv_pressure(tiny_model, references):
     assert sum(o["num_preemptions"] for o in pressured) >= 1
     alone = run_offline(tiny_model, requests, DYCOKE)["outputs"]
     assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-step", "chunked-prefill"])
+def test_prefill_text_query_scores_match_reference(tiny_model, dense, prompt, chunked):
+    """Score recording during prefill (for in-LLM prefill methods): the attention each visual
+    token gets from the text queries, per layer, as the dense model computes it."""
+    request = dict(frames=8, seed=90, max_tokens=2)
+    kwargs = {"enable_chunked_prefill": True, "max_num_batched_tokens": 256} if chunked else {}
+    result = run_offline(tiny_model, [request], DYCOKE, preload=["tests.prefill_scores_hook"], llm_kwargs=kwargs)
+    (scores,) = result["reports"]["tests.prefill_scores_hook"].values()
+    for layer in (0, 2):
+        expected = dense.text_to_visual_attention(load_video(request), prompt, TTM(prune_ratio=0.7), layer)
+        torch.testing.assert_close(torch.tensor(scores[str(layer)]), expected, rtol=1e-4, atol=1e-7)

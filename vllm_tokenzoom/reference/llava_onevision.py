@@ -52,11 +52,8 @@ class DenseLlavaOnevision:
         kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
         return torch.cat((kept_tokens, newline)), kept
 
-    @torch.inference_mode()
-    def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
-                 max_new_tokens: int = 16, dp: DP | None = None) -> ReferenceOutput:
-        """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
-        ``ttm`` prunes the video before the LLM, ``dp`` prunes attention during decode."""
+    def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None):
+        """-> (ids [1, L] with the video's placeholders, inputs_embeds [1, L, D], kept visual indices or None)."""
         embeds, kept = self.video_embeddings(video, ttm)
         video_id = self.model.config.video_token_index
         ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
@@ -65,6 +62,30 @@ class DenseLlavaOnevision:
         ids = torch.cat((ids[:at], torch.full((embeds.shape[0],), video_id), ids[at + 1:]))[None]
         inputs_embeds = self.model.get_input_embeddings()(ids)
         inputs_embeds[ids == video_id] = embeds.to(inputs_embeds.dtype)
+        return ids, inputs_embeds, kept
+
+    @torch.inference_mode()
+    def text_to_visual_attention(self, video: np.ndarray, prompt: str, ttm: TTM | None, layer: int) -> torch.Tensor:
+        """[V]: attention each visual token (the video's newline excluded) gets at ``layer`` from
+        the text queries after the video, averaged over heads and those queries (prefill)."""
+        ids, inputs_embeds, _ = self.prompt_embeds(video, prompt, ttm)
+        visual = (ids[0] == self.model.config.video_token_index).nonzero().squeeze(1)
+        text_config = self.model.config.text_config
+        previous, text_config._attn_implementation = text_config._attn_implementation, "eager"
+        try:
+            out = self.model.model.language_model(inputs_embeds=inputs_embeds, output_attentions=True)
+        finally:
+            text_config._attn_implementation = previous
+        attention = out.attentions[layer][0].float().mean(0)  # [L, L], averaged over heads
+        return attention[int(visual[-1]) + 1:, visual[:-1]].mean(0)
+
+    @torch.inference_mode()
+    def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
+                 max_new_tokens: int = 16, dp: DP | None = None) -> ReferenceOutput:
+        """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
+        ``ttm`` prunes the video before the LLM, ``dp`` prunes attention during decode."""
+        ids, inputs_embeds, kept = self.prompt_embeds(video, prompt, ttm)
+        video_id = self.model.config.video_token_index
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
                       pad_token_id=self.model.generation_config.pad_token_id)

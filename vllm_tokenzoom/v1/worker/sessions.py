@@ -30,6 +30,11 @@ class RequestSession:
     # per decode step: (position of the query, selection in force as visual indices or None)
     trace: list[tuple[int, list[int] | None]] = field(default_factory=list)
     reported_blocks: set[int] = field(default_factory=set)  # logical blocks handed back to the scheduler
+    # layers at which a policy wants, during prefill, the attention mass each visual token
+    # gets from the text queries (the prompt after the video), averaged over heads and queries
+    prefill_score_layers: frozenset[int] = frozenset()
+    prefill_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [V] running sum
+    prefill_score_queries: dict[int, int] = field(default_factory=dict)  # layer -> text queries summed
 
     def __post_init__(self):
         self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
@@ -43,6 +48,31 @@ class RequestSession:
         if layer != self.dp.score_layer or last < self.num_prompt_tokens or last <= self.view.last_position:
             return None
         return last - first_query
+
+    @property
+    def first_text_position(self) -> int:
+        return int(self.visual_positions[-1]) + 2  # past the last visual token and the video's newline
+
+    def text_queries(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
+        """Row-local indices of this row's text queries whose scores a policy wants here."""
+        if layer not in self.prefill_score_layers:
+            return None
+        lo, hi = max(first_query, self.first_text_position), min(seq_len, self.num_prompt_tokens)
+        return torch.arange(lo, hi) - first_query if hi > lo else None
+
+    def record_prefill_scores(self, layer: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
+        """mass: [k, n] head-averaged attention of k text queries over the key positions ``keys``."""
+        per_position = torch.zeros(seq_len)
+        per_position[keys] = mass.float().sum(0)
+        visual = per_position[self.visual_positions]
+        self.prefill_scores[layer] = self.prefill_scores.get(layer, torch.zeros_like(visual)) + visual
+        self.prefill_score_queries[layer] = self.prefill_score_queries.get(layer, 0) + mass.shape[0]
+
+    def visual_scores_from_text(self, layer: int) -> torch.Tensor | None:
+        """[V]: mean over text queries and heads of the attention each visual token got at ``layer``."""
+        if layer not in self.prefill_scores:
+            return None
+        return self.prefill_scores[layer] / self.prefill_score_queries[layer]
 
     def multiplicities(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
         """[nq, seq_len] multiplicities for the row's queries at ``first_query..seq_len-1``

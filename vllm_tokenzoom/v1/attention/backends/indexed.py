@@ -6,8 +6,8 @@ batch rows' sessions with :func:`rows_fields`. Per layer call:
 - fast path: no row belongs to a tokenzoom session, or none needs anything at this layer
   -> the platform's kernel, unchanged;
 - indexed path: each row that has a modified view at this layer, or whose policy wants
-  scores here, is computed over the kept positions with the ``log m`` bias, and the
-  scores go to its session; if other rows remain, the platform's kernel runs for the
+  scores here (the decode query's; or, in prefill, the text queries'), is computed over
+  the kept positions with the ``log m`` bias, and the scores go to its session; if other rows remain, the platform's kernel runs for the
   batch first and the indexed rows overwrite their part.
 """
 from __future__ import annotations
@@ -66,12 +66,13 @@ class IndexedRowsMixin:
             first_query = seq_len - num_queries
             multiplicity = session.multiplicities(layer_index, first_query, seq_len)  # [nq, seq_len] or None
             undecided = session.undecided_query(layer_index, first_query, seq_len)
-            if multiplicity is not None or undecided is not None:
-                plans.append((row, session, start, num_queries, seq_len, multiplicity, undecided))
+            text = session.text_queries(layer_index, first_query, seq_len)
+            if multiplicity is not None or undecided is not None or text is not None:
+                plans.append((row, session, start, num_queries, seq_len, multiplicity, undecided, text, layer_index))
         return plans
 
     def _indexed_row(self, query, regions, md, output, row, session, start, num_queries, seq_len, multiplicity,
-                     undecided) -> None:
+                     undecided, text, layer_index) -> None:
         end = start + num_queries
         k_region, v_region, k_offsets, v_offsets = regions
         out, mass, keys = indexed_paged_attention(query[start:end], k_region, v_region, k_offsets, v_offsets,
@@ -80,6 +81,8 @@ class IndexedRowsMixin:
         if undecided is not None:
             session.decide(seq_len - num_queries + undecided, _all_heads(mass[undecided], self.num_heads), keys,
                            seq_len)
+        if text is not None:
+            session.record_prefill_scores(layer_index, _all_heads(mass[text], self.num_heads), keys, seq_len)
 
 
 def _all_heads(mass: torch.Tensor, local_heads: int) -> torch.Tensor:
