@@ -4,7 +4,8 @@ A :class:`RequestSession` holds one request's token view and the state its decod
 policy carries between steps. The model-runner hook (``patches.py``) publishes, before
 each step's attention metadata is built, which session each batch row belongs to
 (``current_rows``), creates sessions for new requests and drops those vLLM no longer
-holds (finished, aborted, preempted).
+holds (finished, aborted). A preempted request keeps its session: when vLLM recomputes
+it, each generated position gets back the view it had (``TokenView.at``).
 """
 from __future__ import annotations
 
