@@ -52,6 +52,7 @@ class TokenView:
         self._m: list[torch.Tensor | None] = [None] * len(group_starts)  # None: all ones
         self._dead: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool) for _ in group_starts]
         self.history: list[tuple[int, KVPlan]] = []  # (query position, plan), in order
+        self.version = 0  # bumped by every plan: lets readers cache what they derive from the view
 
     def group_of(self, layer: int) -> int:
         return bisect.bisect_right(self.group_starts, layer) - 1
@@ -90,6 +91,7 @@ class TokenView:
         if revived.numel() and bool(dead[revived].any()):
             raise ValueError(f"positions {revived[dead[revived]].tolist()} are permanently evicted in group {plan.group}")
         self.history.append((at_position, plan))
+        self.version += 1
         group = plan.group
         m = None if plan.reset else self._m[group]
         needed = max(int(plan.positions.max()) + 1 if plan.positions.numel() else 0, dead.numel())

@@ -53,6 +53,24 @@ def layout_code(offsets: torch.Tensor, transposed_ok: bool = False) -> int:
     return code if (code != 2 or transposed_ok) else 0
 
 
+_KEYS: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(multiplicity) -> (weak ref, seq_len, keys/bias)
+
+
+def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
+    """``ref.keys_and_bias``, remembered per multiplicity tensor: the layers of a group all
+    read the same tensor in a step (sessions hand out one object per step)."""
+    if multiplicity is None:
+        return ref.keys_and_bias(None, seq_len)
+    entry = _KEYS.get(id(multiplicity))
+    if entry is not None and entry[0]() is multiplicity and entry[1] == seq_len:
+        return entry[2]
+    if len(_KEYS) > 256:
+        _KEYS.clear()
+    result = ref.keys_and_bias(multiplicity, seq_len)
+    _KEYS[id(multiplicity)] = (weakref.ref(multiplicity), seq_len, result)
+    return result
+
+
 def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
                             multiplicity: torch.Tensor | None, scale: float):
     """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n])."""
@@ -61,8 +79,8 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
     if single and (choice == "triton" or (choice == "auto" and query.is_cuda)):
         from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
-        m = None if multiplicity is None else multiplicity.reshape(-1)
-        keys, bias = ref.keys_and_bias(m, seq_len)
+        keys, bias = _keys_and_bias(multiplicity, seq_len)
+        keys, bias = keys.reshape(-1), None if bias is None else bias.reshape(-1)
         keys = keys.to(query.device)
         bias = None if bias is None else bias.to(query.device)
         args = (k_region, k_offsets, block_row, keys, bias)
@@ -70,8 +88,8 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
                                             bias, scale)
         return out[None].to(query.dtype), key_mass(query[0], *args, lse, scale)[None], keys
     if choice in ("auto", "cpp") and single and not query.is_cuda and cpp_ops() is not None:
-        m = None if multiplicity is None else multiplicity.reshape(-1)
-        keys, bias = ref.keys_and_bias(m, seq_len)
+        keys, bias = _keys_and_bias(multiplicity, seq_len)
+        bias = None if bias is None else bias.reshape(-1)
         out, probs = cpp_ops().indexed_decode_attention(
             query[0], k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
             layout_code(v_offsets), block_row, keys, _EMPTY if bias is None else bias, scale)

@@ -36,6 +36,8 @@ class RequestSession:
     prefill_score_layers: frozenset[int] = frozenset()
     prefill_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [V] running sum
     prefill_score_queries: dict[int, int] = field(default_factory=dict)  # layer -> text queries summed
+    # the last multiplicities handed out: every layer of a group reads the same ones in a step
+    _cached: tuple = field(default=(None, None), repr=False)
 
     def __post_init__(self):
         self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
@@ -80,10 +82,14 @@ class RequestSession:
         (each query gets the view in force at its position), or None when all are 1."""
         if not self.view.history or seq_len - 1 < self.view.history[0][0]:
             return None
+        key = (self.view.group_of(layer), self.view.version, first_query, seq_len)
+        if self._cached[0] == key:
+            return self._cached[1]
         rows = [self.view.at(q).multiplicity(layer, seq_len) for q in range(first_query, seq_len)]
-        if all(r is None for r in rows):
-            return None
-        return torch.stack([torch.ones(seq_len) if r is None else r for r in rows])
+        value = None if all(r is None for r in rows) else torch.stack(
+            [torch.ones(seq_len) if r is None else r for r in rows])
+        self._cached = (key, value)
+        return value
 
     def decide(self, position: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
         """mass: [n] head-averaged attention of the query at ``position`` over the key
