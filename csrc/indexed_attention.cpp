@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -28,27 +29,59 @@ struct Shape {
 };
 
 // logits[g * n + j] = q_g . k_j for the query heads g of one KV head.
+// x[j] = exp(x[j] - shift) for n floats, as a loop the compiler vectorises (libm's expf is
+// not): exp(v) = 2^k * e^r, k = round(v / ln 2), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
+// polynomial (relative error < 1e-8, below fp32's 6e-8). v below -87.3 (incl. -inf) gives 0.
+inline float exp_sum_inplace(float* x, int64_t n, float shift) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = std::max(x[j] - shift, -87.3f);
+    const float k = std::floor(v * 1.44269504088896341f + 0.5f);
+    const float r = (v - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+    const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720 + r * (1.f / 5040)))))));
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    const float e = (x[j] - shift) < -87.3f ? 0.f : p * scale;
+    x[j] = e;
+    total += e;
+  }
+  return total;
+}
+
 constexpr int64_t kLanes = 16;  // one AVX-512 register of floats; the compiler keeps acc[] in it
 
-// Transposed K (element (t, d) at d * B + t): logits of all B slots of one block for one query
-// head, 16 slots at a time, accumulated over d in registers. -> tmp[0..B)
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head handled in one pass
+
+// Transposed K (element (t, d) at d * B + t): logits of all B slots of one block for the
+// `group` query heads of one KV head, 16 slots at a time; each loaded K chunk feeds every
+// head. -> tmp[g * B + t]
 template <typename T>
-inline void qk_block_transposed(const float* qg, const T* base, int64_t B, int64_t hs, float* tmp) {
+inline void qk_block_transposed(const float* q, int64_t group, const T* base, int64_t B, int64_t hs, float* tmp) {
   int64_t t0 = 0;
   for (; t0 + kLanes <= B; t0 += kLanes) {
-    float acc[kLanes] = {0.f};
+    float acc[kMaxGroup][kLanes] = {{0.f}};
     for (int64_t d = 0; d < hs; ++d) {
       const T* col = base + d * B + t0;
-      const float qd = qg[d];
+      float k[kLanes];
 #pragma omp simd
-      for (int64_t i = 0; i < kLanes; ++i) acc[i] += qd * static_cast<float>(col[i]);
+      for (int64_t i = 0; i < kLanes; ++i) k[i] = static_cast<float>(col[i]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float qd = q[g * hs + d];
+#pragma omp simd
+        for (int64_t i = 0; i < kLanes; ++i) acc[g][i] += qd * k[i];
+      }
     }
-    for (int64_t i = 0; i < kLanes; ++i) tmp[t0 + i] = acc[i];
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < kLanes; ++i) tmp[g * B + t0 + i] = acc[g][i];
   }
   for (; t0 < B; ++t0) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < hs; ++d) acc += qg[d] * static_cast<float>(base[d * B + t0]);
-    tmp[t0] = acc;
+    for (int64_t g = 0; g < group; ++g) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < hs; ++d) acc += q[g * hs + d] * static_cast<float>(base[d * B + t0]);
+      tmp[g * B + t0] = acc;
+    }
   }
 }
 
@@ -58,18 +91,28 @@ template <typename T>
 void qk(const float* q, const T* k_region, const int64_t* k_off, int64_t k_layout, const int64_t* slot,
         const int64_t* block, const Shape& s, int64_t kv_head, float* logits) {
   const int64_t hs = s.head_size, B = s.block_size, n = s.n;
-  std::vector<float> tmp(B);
+  std::vector<float> tmp(s.group * B);
   int64_t j0 = 0;
   while (j0 < n) {  // keys are ascending: walk them block by block
     int64_t j1 = j0;
     while (j1 < n && block[j1] == block[j0]) ++j1;
     const T* base = k_region + block[j0] * s.block_stride + kv_head * s.head_stride;
+    if (k_layout == kTransposed && s.group <= kMaxGroup) {  // every slot at SIMD speed, then pick the kept ones
+      qk_block_transposed(q, s.group, base, B, hs, tmp.data());
+      for (int64_t g = 0; g < s.group; ++g)
+        for (int64_t j = j0; j < j1; ++j) logits[g * n + j] = tmp[g * B + slot[j]];
+      j0 = j1;
+      continue;
+    }
     for (int64_t g = 0; g < s.group; ++g) {
       const float* qg = q + g * hs;
       float* lg = logits + g * n;
-      if (k_layout == kTransposed) {  // every slot of the block at SIMD speed, then pick the kept ones
-        qk_block_transposed(qg, base, B, hs, tmp.data());
-        for (int64_t j = j0; j < j1; ++j) lg[j] = tmp[slot[j]];
+      if (k_layout == kTransposed) {  // more query heads per KV head than one pass holds
+        for (int64_t j = j0; j < j1; ++j) {
+          float dot = 0.f;
+          for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(base[d * B + slot[j]]);
+          lg[j] = dot;
+        }
         continue;
       }
       for (int64_t j = j0; j < j1; ++j) {
@@ -105,28 +148,26 @@ void decode_kernel(const float* q, const T* k_region, const T* v_region, const i
     for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
       const int64_t h0 = kv_head * s.group;
       qk(q + h0 * hs, k_region, k_off, k_layout, slot.data(), block.data(), s, kv_head, logits.data());
-      for (int64_t g = 0; g < s.group; ++g) {
+      for (int64_t g = 0; g < s.group; ++g) {  // softmax per query head
         float* lg = logits.data() + g * n;
         float max_logit = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           lg[j] = lg[j] * scale + (bias ? bias[j] : 0.f);
           max_logit = std::max(max_logit, lg[j]);
         }
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < n; ++j) {
-          lg[j] = expf(lg[j] - max_logit);  // a bias of -inf (m = 0) gives 0; vectorised (libmvec)
-          total += lg[j];
-        }
-        const float inv = 1.f / total;
+        const float inv = 1.f / exp_sum_inplace(lg, n, max_logit);  // a bias of -inf (m = 0) gives 0
         float* ph = probs + (h0 + g) * n;
+#pragma omp simd
         for (int64_t j = 0; j < n; ++j) ph[j] = lg[j] * inv;
-        float* oh = out + (h0 + g) * hs;
-        std::fill(oh, oh + hs, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t t = slot[j];
-          const T* base = v_region + block[j] * s.block_stride + kv_head * s.head_stride;
-          const float p = ph[j];
+      }
+      float* o = out + h0 * hs;  // [group, hs]
+      std::fill(o, o + s.group * hs, 0.f);
+      for (int64_t j = 0; j < n; ++j) {  // each V row is loaded once for every head of the group
+        const int64_t t = slot[j];
+        const T* base = v_region + block[j] * s.block_stride + kv_head * s.head_stride;
+        for (int64_t g = 0; g < s.group; ++g) {
+          const float p = probs[(h0 + g) * n + j];
+          float* oh = o + g * hs;
           if (v_layout == kPlain) {
             const T* row = base + t * hs;
 #pragma omp simd
