@@ -76,24 +76,23 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
     """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n])."""
     choice = kernel_choice()
     single = query.shape[0] == 1 and (multiplicity is None or multiplicity.dim() == 1 or multiplicity.shape[0] == 1)
-    if single and (choice == "triton" or (choice == "auto" and query.is_cuda)):
-        from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
+    use_triton = choice == "triton" or (choice == "auto" and query.is_cuda)
+    use_cpp = choice in ("auto", "cpp") and not query.is_cuda and cpp_ops() is not None
+    if single and (use_triton or use_cpp):
+        keys, bias = _keys_and_bias(multiplicity, seq_len)  # one decode query: a 1-D key list and bias
+        keys, bias = keys.to(query.device), None if bias is None else bias.reshape(-1).to(query.device)
+        if use_triton:
+            from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
-        keys, bias = _keys_and_bias(multiplicity, seq_len)
-        keys, bias = keys.reshape(-1), None if bias is None else bias.reshape(-1)
-        keys = keys.to(query.device)
-        bias = None if bias is None else bias.to(query.device)
-        args = (k_region, k_offsets, block_row, keys, bias)
-        out, lse = indexed_decode_attention(query[0], k_region, v_region, k_offsets, v_offsets, block_row, keys,
-                                            bias, scale)
-        return out[None].to(query.dtype), key_mass(query[0], *args, lse, scale)[None], keys
-    if choice in ("auto", "cpp") and single and not query.is_cuda and cpp_ops() is not None:
-        keys, bias = _keys_and_bias(multiplicity, seq_len)
-        bias = None if bias is None else bias.reshape(-1)
-        out, probs = cpp_ops().indexed_decode_attention(
-            query[0], k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
-            layout_code(v_offsets), block_row, keys, _EMPTY if bias is None else bias, scale)
-        return out[None].to(query.dtype), probs.mean(0)[None], keys
+            out, lse = indexed_decode_attention(query[0], k_region, v_region, k_offsets, v_offsets, block_row,
+                                                keys, bias, scale)
+            mass = key_mass(query[0], k_region, k_offsets, block_row, keys, bias, lse, scale)
+        else:
+            out, probs = cpp_ops().indexed_decode_attention(
+                query[0], k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
+                layout_code(v_offsets), block_row, keys, _EMPTY if bias is None else bias, scale)
+            mass = probs.mean(0)
+        return out[None].to(query.dtype), mass[None], keys
     if choice in ("cpp", "triton") and single:
         raise RuntimeError(f"TOKENZOOM_KERNELS={choice}, but that kernel cannot run this call (not built)")
     return ref.indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len,
