@@ -54,49 +54,77 @@ def layout_code(offsets: torch.Tensor, transposed_ok: bool = False) -> int:
 
 
 _KEYS: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(multiplicity) -> (weak ref, seq_len, keys/bias)
+_ALL: dict[int, tuple] = {}  # seq_len -> keys/bias of multiplicity None
 
 
 def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
-    """``ref.keys_and_bias``, remembered per multiplicity tensor: the layers of a group all
-    read the same tensor in a step (sessions hand out one object per step)."""
+    """``ref.keys_and_bias`` plus the kernels' forms: (keys [n] int64, bias [n] f32 or None,
+    keys [n] int32, bias [n] f32 or empty when it is all 0, i.e. every m is 0 or 1).
+    Remembered per multiplicity tensor: the layers of a group all read the same tensor in a
+    step (sessions hand out one object per step)."""
     if multiplicity is None:
-        return ref.keys_and_bias(None, seq_len)
+        if seq_len not in _ALL:
+            if len(_ALL) > 64:
+                _ALL.clear()
+            keys = torch.arange(seq_len)
+            _ALL[seq_len] = (keys, None, keys.to(torch.int32), _EMPTY)
+        return _ALL[seq_len]
     entry = _KEYS.get(id(multiplicity))
     if entry is not None and entry[0]() is multiplicity and entry[1] == seq_len:
         return entry[2]
     if len(_KEYS) > 256:
         _KEYS.clear()
-    result = ref.keys_and_bias(multiplicity, seq_len)
+    keys, bias = ref.keys_and_bias(multiplicity, seq_len)
+    flat = bias.reshape(-1).float().contiguous()  # one decode query: a 1-D bias
+    result = (keys, bias, keys.to(torch.int32), _EMPTY if bool((flat == 0).all()) else flat)
     _KEYS[id(multiplicity)] = (weakref.ref(multiplicity), seq_len, result)
     return result
 
 
 def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
-                            multiplicity: torch.Tensor | None, scale: float):
-    """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n])."""
+                            multiplicity: torch.Tensor | None, scale: float, want_mass: bool = True, out=None):
+    """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n]).
+    ``want_mass=False``: mass is None (the kernels skip it). ``out`` [nq, Hq, hs]: written in
+    place when given (the C++ kernel writes it directly)."""
     choice = kernel_choice()
     single = query.shape[0] == 1 and (multiplicity is None or multiplicity.dim() == 1 or multiplicity.shape[0] == 1)
     use_triton = choice == "triton" or (choice == "auto" and query.is_cuda)
     use_cpp = choice in ("auto", "cpp") and not query.is_cuda and cpp_ops() is not None
     if single and (use_triton or use_cpp):
-        keys, bias = _keys_and_bias(multiplicity, seq_len)  # one decode query: a 1-D key list and bias
-        keys, bias = keys.to(query.device), None if bias is None else bias.reshape(-1).to(query.device)
-        if use_triton:
-            from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
+        keys, bias, keys32, bias32 = _keys_and_bias(multiplicity, seq_len)  # one decode query: 1-D keys, bias
+        if use_cpp:
+            result = torch.empty_like(query) if out is None else out
+            mass = cpp_ops().indexed_decode_attention(
+                query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
+                layout_code(v_offsets), block_row, [keys32], [bias32], scale, result, want_mass)
+            return result, (mass[0][None] if want_mass else None), keys
+        from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
-            out, lse = indexed_decode_attention(query[0], k_region, v_region, k_offsets, v_offsets, block_row,
-                                                keys, bias, scale)
-            mass = key_mass(query[0], k_region, k_offsets, block_row, keys, bias, lse, scale)
-        else:
-            out, probs = cpp_ops().indexed_decode_attention(
-                query[0], k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
-                layout_code(v_offsets), block_row, keys, _EMPTY if bias is None else bias, scale)
-            mass = probs.mean(0)
-        return out[None].to(query.dtype), mass[None], keys
+        keys, bias = keys.to(query.device), None if bias is None else bias.reshape(-1).to(query.device)
+        o, lse = indexed_decode_attention(query[0], k_region, v_region, k_offsets, v_offsets, block_row,
+                                          keys, bias, scale)
+        mass = key_mass(query[0], k_region, k_offsets, block_row, keys, bias, lse, scale)[None] if want_mass else None
+        o = o[None].to(query.dtype)
+        return (o if out is None else out.copy_(o)), mass, keys
     if choice in ("cpp", "triton") and single:
         raise RuntimeError(f"TOKENZOOM_KERNELS={choice}, but that kernel cannot run this call (not built)")
-    return ref.indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len,
-                                       multiplicity, scale)
+    o, mass, keys = ref.indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len,
+                                                multiplicity, scale)
+    return (o if out is None else out.copy_(o)), (mass if want_mass else None), keys
 
 
-__all__ = ["indexed_paged_attention", "kernel_choice", "cpp_ops"]
+def indexed_decode_batch(query, k_region, v_region, k_offsets, v_offsets, block_table, seq_lens,
+                         multiplicities, scale: float, want_mass: bool = True, out=None):
+    """R decode queries in one C++ call (CPU): query [R, Hq, hs], block_table [R, max_blocks],
+    seq_lens and multiplicities (each [seq_len] or None) one per request.
+    -> (out [R, Hq, hs], masses: R tensors [n_r] or None, keys: R tensors [n_r])."""
+    entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
+    result = torch.empty_like(query) if out is None else out
+    masses = cpp_ops().indexed_decode_attention(
+        query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
+        layout_code(v_offsets), block_table, [e[2] for e in entries], [e[3] for e in entries], scale, result,
+        want_mass)
+    return result, (masses if want_mass else None), [e[0] for e in entries]
+
+
+__all__ = ["indexed_paged_attention", "indexed_decode_batch", "kernel_choice", "cpp_ops"]
