@@ -13,7 +13,7 @@
 // Work item = (request, KV head); every query head of the KV head (GQA group) shares each K/V
 // load. The AVX-512 path (built with -march=native on such a machine) reads K of dense
 // 16-slot windows whole and the other kept keys one by one (see qk_fast), V of kept keys only;
-// the softmax stays unnormalised through P.V (1/sum applied once at the end).
+// mass = mean over heads of the probabilities, summed in head order like the reference.
 // Torch reference: vllm_tokenzoom/ops/paged_attention_ref.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -306,12 +306,12 @@ void pv_fast(const float* p, const T* v_region, const Keys& keys, const Shape& s
 
 constexpr int64_t kTile = 8;  // query heads handled in one pass of the fast path
 
-// One (request, KV head): q [group, hs] f32 -> o [group, hs] f32; mass_part [n] += head sum
-// of the normalised probabilities (when not null). logits: scratch [group, n].
+// One (request, KV head): q [group, hs] f32 -> o [group, hs] f32, and when probs is not null
+// the probabilities of the group's heads, probs [group, n]. logits: scratch [group, n].
 template <typename T>
 void attend(const float* q, const T* k_region, const T* v_region, const int64_t* k_off, const int64_t* v_off,
             int64_t k_layout, int64_t v_layout, const Keys& keys, const float* bias, const Shape& s, float scale,
-            float* logits, float* o, float* mass_part) {
+            float* logits, float* o, float* probs) {
   const int64_t n = keys.n, hs = s.head_size, G = s.group;
   bool fast_k = false, fast_v = false;
 #ifdef TZ_AVX512
@@ -329,16 +329,14 @@ void attend(const float* q, const T* k_region, const T* v_region, const int64_t*
   } else {
     qk_generic(q, G, k_region, k_off, k_layout, keys, s, logits);
   }
-  std::vector<float> inv(G);
-  for (int64_t g = 0; g < G; ++g) {  // unnormalised softmax per query head
+  for (int64_t g = 0; g < G; ++g) {  // softmax per query head
     float* lg = logits + g * n;
     const float max_logit = scale_bias_max(lg, n, scale, bias);
-    inv[g] = 1.f / exp_sum_inplace(lg, n, max_logit);  // a bias of -inf (m = 0) gives 0
-    if (mass_part) {
-      const float w = inv[g];
+    const float inv = 1.f / exp_sum_inplace(lg, n, max_logit);  // a bias of -inf (m = 0) gives 0
+    float* pg = probs ? probs + g * n : lg;  // normalised: the same rounding as the reference's softmax
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) mass_part[j] += lg[j] * w;
-    }
+    for (int64_t j = 0; j < n; ++j) pg[j] = lg[j] * inv;
+    if (probs) std::memcpy(lg, pg, n * sizeof(float));
   }
   if (fast_v) {
 #ifdef TZ_AVX512
@@ -351,16 +349,13 @@ void attend(const float* q, const T* k_region, const T* v_region, const int64_t*
   } else {
     pv_generic(logits, G, v_region, v_off, v_layout, keys, s, o);
   }
-  for (int64_t g = 0; g < G; ++g)
-#pragma omp simd
-    for (int64_t d = 0; d < hs; ++d) o[g * hs + d] *= inv[g];
 }
 
 // query [R, Hq, hs]; k_region, v_region [nb, Hkv, B*hs] (views of the cache, read in place);
 // k_offsets, v_offsets [B, hs] int64 with their layouts (0 generic, 1 plain, 2 transposed;
 // V: 0 or 1); block_table [R, max_blocks] (or [max_blocks] when R = 1), int32 read in place; keys: R tensors [n_r] int32, ascending;
 // bias: R tensors [n_r] float32 (or empty: no bias); out [R, Hq, hs] (any float dtype) is
-// written. -> R tensors mass [n_r] f32 (head-averaged probabilities) if want_mass, else none.
+// written. -> R tensors mass [1, n_r] f32 (head-averaged probabilities) if want_mass, else none.
 std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::Tensor k_region,
                                                     torch::Tensor v_region, torch::Tensor k_offsets,
                                                     torch::Tensor v_offsets, int64_t k_layout, int64_t v_layout,
@@ -401,10 +396,10 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
   const bool direct = out.scalar_type() == torch::kFloat32 && out.is_contiguous();
   auto o = direct ? out : torch::empty(query.sizes(), torch::kFloat32);
   const int64_t H = s.num_kv_heads, hs = s.head_size, G = s.group, B = s.block_size;
-  // mass partial sums per (request, KV head): [R][H * n_r]
-  std::vector<torch::Tensor> parts;
+  // probabilities per request, [Hq, n_r], when the mass is asked for
+  std::vector<torch::Tensor> probs;
   if (want_mass)
-    for (int64_t r = 0; r < R; ++r) parts.push_back(torch::zeros({H, keys[r].numel()}, torch::kFloat32));
+    for (int64_t r = 0; r < R; ++r) probs.push_back(torch::empty({s.num_q_heads, keys[r].numel()}, torch::kFloat32));
   int64_t work = 0;
   for (int64_t r = 0; r < R; ++r) work += keys[r].numel();
   const int shift = (B & (B - 1)) == 0 ? __builtin_ctzll(B) : -1;
@@ -441,7 +436,7 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
         attend<scalar_t>(q.data_ptr<float>() + (r * s.num_q_heads + h * G) * hs, kr, vr, ko, vo, k_layout, v_layout,
                          ks, bias[r].numel() ? bias[r].data_ptr<float>() : nullptr, s, static_cast<float>(scale),
                          logits.data(), o.data_ptr<float>() + (r * s.num_q_heads + h * G) * hs,
-                         want_mass ? parts[r].data_ptr<float>() + h * n : nullptr);
+                         want_mass ? probs[r].data_ptr<float>() + h * G * n : nullptr);
       }
     };
     // small calls run on this thread: a parallel region costs more than it saves
@@ -450,14 +445,16 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
   });
   if (!direct) out.copy_(o);
   std::vector<torch::Tensor> mass;
-  for (int64_t r = 0; r < int64_t(parts.size()); ++r) {  // sum over KV heads / Hq
+  for (int64_t r = 0; r < int64_t(probs.size()); ++r) {  // mean over heads, in head order (as torch's mean)
     const int64_t n = keys[r].numel();
-    float* p = parts[r].data_ptr<float>();
-    for (int64_t h = 1; h < H; ++h)
+    float* p = probs[r].data_ptr<float>();
+    for (int64_t h = 1; h < s.num_q_heads; ++h)
+#pragma omp simd
       for (int64_t j = 0; j < n; ++j) p[j] += p[h * n + j];
-    const float w = 1.f / s.num_q_heads;
-    for (int64_t j = 0; j < n; ++j) p[j] *= w;
-    mass.push_back(parts[r][0]);
+    const float heads = static_cast<float>(s.num_q_heads);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) p[j] /= heads;
+    mass.push_back(probs[r].narrow(0, 0, 1));  // [1, n]: row 0 holds the mean
   }
   return mass;
 }

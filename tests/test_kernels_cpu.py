@@ -59,3 +59,47 @@ def test_multi_query_calls_fall_back_to_the_reference(monkeypatch):
     query, regions = torch.randn(2, 4, 32), paged_cache(k, v, 16, "plain", 0)
     out, _, _ = indexed_paged_attention(query, *regions, 8, None, 0.1)
     torch.testing.assert_close(out, ref.indexed_paged_attention(query, *regions, 8, None, 0.1)[0])
+
+
+def test_cpp_batch_of_requests_matches_reference_per_request():
+    """indexed_decode_batch: R requests in one call (own keys, bias and block row each) equal
+    R single-request reference calls; want_mass=False skips the mass, out is written in place."""
+    from vllm_tokenzoom.ops import indexed_decode_batch
+
+    gen = torch.Generator().manual_seed(5)
+    block_size, hs, nb = 32, 64, 12
+    k_region, v_region = torch.randn(nb, 2, block_size * hs, generator=gen), torch.randn(nb, 2, block_size * hs, generator=gen)
+    _, _, k_off, v_off, _ = paged_cache(torch.zeros(1, 2, hs), torch.zeros(1, 2, hs), block_size, "packed", 0)
+    seq_lens = [300, 37, 128]
+    table = torch.stack([torch.randperm(nb, generator=gen)[:10] for _ in seq_lens]).to(torch.int32)
+    mults = [(torch.rand(n, generator=gen) < keep).float() * torch.randint(1, 3, (n,), generator=gen)
+             for n, keep in zip(seq_lens, (0.9, 0.2, 1.0))]
+    for m in mults:
+        m[-1] = 1.0
+    mults[2] = None
+    query = torch.randn(3, 14, hs, generator=gen)
+    out = torch.empty_like(query)
+    got, masses, keys = indexed_decode_batch(query, k_region, v_region, k_off, v_off, table, seq_lens, mults, 0.125,
+                                             out=out)
+    assert got is out
+    for r, (n, m) in enumerate(zip(seq_lens, mults)):
+        o_ref, mass_ref, keys_ref = ref.indexed_paged_attention(query[r:r + 1], k_region, v_region, k_off, v_off,
+                                                                table[r], n, m, 0.125)
+        assert torch.equal(keys[r], keys_ref)
+        torch.testing.assert_close(out[r], o_ref[0], rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(masses[r], mass_ref, rtol=2e-5, atol=1e-6)
+    again, none, _ = indexed_decode_batch(query, k_region, v_region, k_off, v_off, table, seq_lens, mults, 0.125,
+                                          want_mass=False)
+    assert none is None and torch.equal(again, out)
+
+
+def test_cpp_single_call_without_mass_writes_out(monkeypatch):
+    monkeypatch.setenv("TOKENZOOM_KERNELS", "cpp")
+    k, v = torch.randn(200, 2, 64), torch.randn(200, 2, 64)
+    regions = paged_cache(k, v, 128, "packed", 1)
+    query, m = torch.randn(1, 14, 64), (torch.rand(200) < 0.4).float()
+    m[-1] = 2.0
+    out = torch.empty(1, 14, 64)
+    got, mass, keys = indexed_paged_attention(query, *regions, 200, m, 0.125, want_mass=False, out=out)
+    assert got is out and mass is None
+    torch.testing.assert_close(out, ref.indexed_paged_attention(query, *regions, 200, m, 0.125)[0], rtol=2e-5, atol=2e-5)

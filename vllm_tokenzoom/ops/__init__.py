@@ -97,7 +97,7 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
             mass = cpp_ops().indexed_decode_attention(
                 query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
                 layout_code(v_offsets), block_row, [keys32], [bias32], scale, result, want_mass)
-            return result, (mass[0][None] if want_mass else None), keys
+            return result, (mass[0] if want_mass else None), keys
         from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
         keys, bias = keys.to(query.device), None if bias is None else bias.reshape(-1).to(query.device)
@@ -117,7 +117,7 @@ def indexed_decode_batch(query, k_region, v_region, k_offsets, v_offsets, block_
                          multiplicities, scale: float, want_mass: bool = True, out=None):
     """R decode queries in one C++ call (CPU): query [R, Hq, hs], block_table [R, max_blocks],
     seq_lens and multiplicities (each [seq_len] or None) one per request.
-    -> (out [R, Hq, hs], masses: R tensors [n_r] or None, keys: R tensors [n_r])."""
+    -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
     entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
     result = torch.empty_like(query) if out is None else out
     masses = cpp_ops().indexed_decode_attention(

@@ -75,9 +75,14 @@ class IndexedRowsMixin:
                      undecided, text, layer_index) -> None:
         end = start + num_queries
         k_region, v_region, k_offsets, v_offsets = regions
+        target = output[start:end]  # written in place by the kernel when it is contiguous
+        direct = target.is_contiguous()
         out, mass, keys = indexed_paged_attention(query[start:end], k_region, v_region, k_offsets, v_offsets,
-                                                  md.block_table[row], seq_len, multiplicity, self.scale)
-        output[start:end] = out.view(output[start:end].shape)
+                                                  md.block_table[row], seq_len, multiplicity, self.scale,
+                                                  want_mass=undecided is not None or text is not None,
+                                                  out=target.view(query[start:end].shape) if direct else None)
+        if not direct:
+            target.copy_(out.view(target.shape))
         if undecided is not None:
             session.decide(seq_len - num_queries + undecided, _all_heads(mass[undecided], self.num_heads), keys,
                            seq_len)
