@@ -4,10 +4,16 @@ One decode query per layer call over a paged KV cache shaped like Qwen2-0.5B's a
 (14 query heads, 2 KV heads, head size 64, block size 128, vLLM's CPU cache layout for this
 machine's ISA). "Dense" is vLLM's own CPU attention kernel over every token
 (``ops.cpu_attention_with_kv_cache``); "indexed" is tokenzoom's kernel reading only the
-kept positions (a random subset of the sequence, the rest evicted). Goal (issue #3): indexed
+kept positions (a random subset of the sequence, or random aligned runs of 16 tokens; the rest
+evicted). Goal (issue #3): indexed
 attention at keep ratio r costs at most (r + 0.1) x dense.
 
-    python benchmarks/attention_keep_ratio.py [--seq-lens 1536,3192] [--iters 200]
+    python benchmarks/attention_keep_ratio.py [--seq-lens 1536,3192] [--batches 1,16] [--iters 200]
+
+Batch 16: 16 requests (each its own kept subset) in one call of each kernel. "mass": the
+per-token scores are computed too (only scoring layers ask for them). Configurations are
+timed interleaved, in rounds; ratio_to_dense is the median of the per-round ratios and
+ratio_range their spread.
 
 Writes benchmarks/results/attention_keep_ratio.{csv,png} (rows appended to the CSV).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -25,85 +32,137 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_ttm import RESULTS, _version, machine  # noqa: E402
 
+from vllm_tokenzoom.ops import paged_attention_ref as ref  # noqa: E402
+
 HQ, HKV, HS, BLOCK = 14, 2, 64, 128
 RATIOS = (1.0, 0.5, 0.3, 0.1)
+PATTERNS = ("random", "runs16")
 
 
-def make_cache(seq_len: int, dtype=torch.float32):
+def make_cache(seq_len: int, batch: int = 1, dtype=torch.float32):
+    """A vLLM CPU cache holding ``batch`` sequences of ``seq_len`` random tokens in shuffled
+    blocks -> (cache, k_cache, v_cache, block_table [batch, blocks per sequence] int32, isa)."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     isa = _get_attn_isa(dtype, BLOCK, HS)
-    num_blocks = -(-seq_len // BLOCK) + 2
+    per_seq = -(-seq_len // BLOCK)
+    num_blocks = batch * per_seq + 2
     cache = torch.zeros(num_blocks, HKV, 2 * BLOCK, HS, dtype=dtype)
     k_cache, v_cache = cache.chunk(2, dim=2)
-    block_row = torch.randperm(num_blocks)[: -(-seq_len // BLOCK)].to(torch.int32)
-    slots = (block_row.long()[torch.arange(seq_len) // BLOCK] * BLOCK + torch.arange(seq_len) % BLOCK)
-    ops.cpu_attn_reshape_and_cache(torch.randn(seq_len, HKV, HS, dtype=dtype), torch.randn(seq_len, HKV, HS, dtype=dtype),
-                                   k_cache, v_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    return cache, k_cache, v_cache, block_row, isa
+    block_table = torch.randperm(num_blocks)[: batch * per_seq].view(batch, per_seq).to(torch.int32)
+    pos = torch.arange(seq_len)
+    for row in block_table:
+        slots = row.long()[pos // BLOCK] * BLOCK + pos % BLOCK
+        ops.cpu_attn_reshape_and_cache(torch.randn(seq_len, HKV, HS, dtype=dtype),
+                                       torch.randn(seq_len, HKV, HS, dtype=dtype), k_cache, v_cache, slots, isa,
+                                       k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    return cache, k_cache, v_cache, block_table, isa
 
 
-def dense_call(seq_len, k_cache, v_cache, block_row, isa, query, out):
+def dense_call(seq_len, k_cache, v_cache, block_table, isa, query, out):
+    """vLLM's CPU attention for query [batch, HQ, HS], one decode token per sequence."""
     from vllm import _custom_ops as ops
 
-    qsl = torch.tensor([0, 1], dtype=torch.int32)
-    seq_lens = torch.tensor([seq_len], dtype=torch.int32)
-    meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=1, num_heads=HQ, num_kv_heads=HKV, head_dim=HS, seq_lens=seq_lens,
-                                               dtype=query.dtype, query_start_loc=qsl, causal=True,
+    batch = query.shape[0]
+    qsl = torch.arange(batch + 1, dtype=torch.int32)
+    seq_lens = torch.full((batch,), seq_len, dtype=torch.int32)
+    meta = ops.cpu_attn_get_scheduler_metadata(num_reqs=batch, num_heads=HQ, num_kv_heads=HKV, head_dim=HS,
+                                               seq_lens=seq_lens, dtype=query.dtype, query_start_loc=qsl, causal=True,
                                                sliding_window_size=-1, isa=isa, enable_kv_split=True)
 
     def call():
         ops.cpu_attention_with_kv_cache(query=query, key_cache=k_cache, value_cache=v_cache, output=out,
                                         query_start_loc=qsl, seq_lens=seq_lens, scale=HS ** -0.5, causal=True,
-                                        alibi_slopes=None, sliding_window=-1, block_table=block_row[None],
+                                        alibi_slopes=None, sliding_window=-1, block_table=block_table,
                                         softcap=0.0, scheduler_metadata=meta, s_aux=None, dynamic_causal=None,
                                         k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
     return call
 
 
-def timed(fn, iters: int) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def interleaved(fns: dict, iters: int, rounds: int = 9) -> dict:
+    """Times each callable in rounds, the configurations interleaved (the machine is shared,
+    its speed drifts): -> name -> per-round medians (seconds)."""
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    per_round = max(1, iters // rounds)
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples = []
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - t0)
+            out[name].append(statistics.median(samples))
+    return out
+
+
+def keep_mask(seq_len: int, ratio: float, pattern: str = "random") -> torch.Tensor:
+    """Multiplicity [seq_len]: ``ratio * seq_len`` positions (and the last) at 1, the rest 0.
+    "random": a random subset; "runs16": random aligned runs of 16 tokens (a kept patch row
+    or frame part; 16 slots = one cache line of vLLM's transposed K, see the kernel)."""
+    m = torch.zeros(seq_len)
+    count = max(1, int(ratio * seq_len))
+    if pattern == "random":
+        m[torch.randperm(seq_len)[:count]] = 1.0
+    else:
+        runs = torch.randperm(seq_len // 16)[: -(-count // 16)]
+        m[(runs[:, None] * 16 + torch.arange(16)).reshape(-1)[:count]] = 1.0
+    m[-1] = 1.0
+    return m
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-lens", default="1536,3192", help="sequence lengths (dycoke and vanilla 16-frame prompts)")
+    ap.add_argument("--batches", default="1,16", help="requests per call (one decode query each)")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference rows")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
-        args.iters, args.seq_lens = 30, "1536"
-    from vllm_tokenzoom.ops import indexed_paged_attention
+        args.iters, args.seq_lens = 45, "1536"
+    os.environ["TOKENZOOM_KERNELS"] = "cpp"  # the "cpp" rows: the C++ kernel, never a fallback
+    from vllm_tokenzoom.ops import indexed_decode_batch, indexed_paged_attention
     from vllm_tokenzoom.v1.attention.backends.cpu_kv_layout import kv_offsets
 
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
-        cache, k_cache, v_cache, block_row, isa = make_cache(seq_len)
-        query = torch.randn(1, HQ, HS)
-        dense = timed(dense_call(seq_len, k_cache, v_cache, block_row, isa, query, torch.empty(1, HQ * HS)), args.iters)
-        regions = cache.view(cache.shape[0], HKV, 2, BLOCK * HS)
-        k_off, v_off = kv_offsets(isa, torch.float32, BLOCK, HS)
-        for ratio in RATIOS:
-            m = torch.zeros(seq_len)
-            m[torch.randperm(seq_len)[: max(1, int(ratio * seq_len))]] = 1.0
-            m[-1] = 1.0
-            for kernel in ("cpp", "torch"):
-                import os
-
-                os.environ["TOKENZOOM_KERNELS"] = kernel
-                t = timed(lambda: indexed_paged_attention(query, regions[:, :, 0], regions[:, :, 1], k_off, v_off,
-                                                          block_row, seq_len, m, HS ** -0.5), args.iters)
+        for batch in [int(x) for x in args.batches.split(",")]:
+            cache, k_cache, v_cache, table, isa = make_cache(seq_len, batch)
+            query = torch.randn(batch, HQ, HS)
+            regions = cache.view(cache.shape[0], HKV, 2, BLOCK * HS)
+            kr, vr = regions[:, :, 0], regions[:, :, 1]
+            k_off, v_off = kv_offsets(isa, torch.float32, BLOCK, HS)
+            out = torch.empty(batch, HQ, HS)
+            fns = {"dense": dense_call(seq_len, k_cache, v_cache, table, isa, query, torch.empty(batch, HQ * HS))}
+            for ratio, pattern in [(r, p) for r in RATIOS for p in PATTERNS if r < 1 or p == "random"]:
+                ms = [keep_mask(seq_len, ratio, pattern) for _ in range(batch)]
+                for mass in (True, False):  # the scores are asked for at scoring layers only
+                    if batch == 1:
+                        fns[("cpp", ratio, pattern, mass)] = (lambda m=ms[0], mass=mass: indexed_paged_attention(
+                            query, kr, vr, k_off, v_off, table[0], seq_len, m, HS ** -0.5, want_mass=mass, out=out))
+                    else:
+                        fns[("cpp", ratio, pattern, mass)] = (lambda ms=ms, mass=mass: indexed_decode_batch(
+                            query, kr, vr, k_off, v_off, table, [seq_len] * batch, ms, HS ** -0.5, want_mass=mass,
+                            out=out))
+                if batch == 1 and pattern == "random" and not args.no_torch:
+                    fns[("torch", ratio, pattern, True)] = (lambda m=ms[0]: ref.indexed_paged_attention(
+                        query, kr, vr, k_off, v_off, table[0], seq_len, m, HS ** -0.5))
+            times = interleaved(fns, args.iters)
+            dense = statistics.median(times["dense"])
+            for key, samples in times.items():
+                if key == "dense":
+                    continue
+                kernel, ratio, pattern, mass = key
+                rel = sorted(t / d for t, d in zip(samples, times["dense"]))  # per round: same machine state
+                t, r = statistics.median(samples), statistics.median(rel)
                 rows.append(dict(seq_len=seq_len, keep_ratio=ratio, kernel=kernel, dense_us=round(dense * 1e6, 1),
-                                 indexed_us=round(t * 1e6, 1), ratio_to_dense=round(t / dense, 3),
-                                 goal=round(ratio + 0.1, 2), meets_goal=t / dense <= ratio + 0.1))
+                                 indexed_us=round(t * 1e6, 1), ratio_to_dense=round(r, 3), goal=round(ratio + 0.1, 2),
+                                 meets_goal=r <= ratio + 0.1, batch=batch, mass=mass, pattern=pattern,
+                                 ratio_range=f"{rel[0]:.2f}-{rel[-1]:.2f}"))
                 print(rows[-1], flush=True)
     save(rows)
 
@@ -112,10 +171,17 @@ def save(rows) -> None:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"), torch=_version("torch"),
                 threads=torch.get_num_threads())
     path = RESULTS / "attention_keep_ratio.csv"
-    new = not path.exists()
+    fields = [*meta, *rows[0]]
+    old = list(csv.DictReader(open(path))) if path.exists() else []
+    if old and list(old[0]) != fields:  # columns added since: rewrite, earlier rows were batch 1 with mass
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for row in old:
+                w.writerow({"batch": 1, "mass": True, "pattern": "random", "ratio_range": "", **row})
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*meta, *rows[0]])
-        if new:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if not old:
             w.writeheader()
         for row in rows:
             w.writerow({**meta, **row})
@@ -125,9 +191,17 @@ def save(rows) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (seq_len, kernel) in sorted({(r["seq_len"], r["kernel"]) for r in rows}):
-        pts = [r for r in rows if r["seq_len"] == seq_len and r["kernel"] == kernel]
-        ax.plot([r["keep_ratio"] for r in pts], [r["ratio_to_dense"] for r in pts], "o-", label=f"{kernel}, {seq_len} tokens")
+    # one line per (seq_len, batch, pattern), without the mass (with it: the CSV); the torch
+    # reference (15-190 x dense) is off the scale
+    series = sorted({(r["seq_len"], r["batch"], r["pattern"]) for r in rows if r["kernel"] == "cpp" and not r["mass"]})
+    for (seq_len, batch, pattern) in series:
+        pts = [r for r in rows if r["kernel"] == "cpp" and not r["mass"] and (r["seq_len"], r["batch"], r["pattern"]) ==
+               (seq_len, batch, pattern)]
+        pts = sorted(pts + [r for r in rows if r["kernel"] == "cpp" and not r["mass"] and r["keep_ratio"] == 1.0
+                            and (r["seq_len"], r["batch"]) == (seq_len, batch) and pattern != "random"],
+                     key=lambda r: r["keep_ratio"])
+        ax.plot([r["keep_ratio"] for r in pts], [r["ratio_to_dense"] for r in pts],
+                "o-" if pattern == "random" else "s--", label=f"cpp, {seq_len} tokens, batch {batch}, {pattern}")
     ax.plot(RATIOS, [r + 0.1 for r in RATIOS], "k--", label="goal: r + 0.1")
     ax.set_xlabel("keep ratio r")
     ax.set_ylabel("indexed time / dense (vLLM CPU kernel)")
