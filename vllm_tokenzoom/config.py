@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods import IMPLEMENTED, PLANNED
+from vllm_tokenzoom.methods import IMPLEMENTED, PLANNED, PRE_LLM
 
 CONFIG_KEY = "tokenzoom"
 
@@ -46,6 +46,11 @@ class TokenZoomConfig:
     @property
     def ttm(self):
         return self.methods.get("ttm")
+
+    @property
+    def pre_llm(self):
+        """The one policy that prunes the video before the LLM (TTM or a baseline), or None."""
+        return next((self.methods[m] for m in PRE_LLM if m in self.methods), None)
 
     @property
     def dp(self):
@@ -83,6 +88,11 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
             _require_mapping(settings, f"{where}.methods.{name}", "an object of settings")
             merged[name] = {**merged.get(name, {}), **settings}
     methods = {name: _build_policy(name, settings, f"{where}.methods.{name}") for name, settings in merged.items()}
+    pre_llm = [m for m in PRE_LLM if m in methods]
+    if len(pre_llm) > 1:
+        raise TokenZoomConfigError(
+            f"{where}.methods: {_fmt(pre_llm)} both prune the video before the LLM; allowed: at most one of {_fmt(PRE_LLM)}"
+        )
     return TokenZoomConfig(methods=types.MappingProxyType(methods), preset=preset)
 
 

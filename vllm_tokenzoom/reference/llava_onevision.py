@@ -2,7 +2,8 @@
 
 The video goes through HF's own processor, vision tower, projector and pooling
 (``get_video_features``); TTM then keeps tokens exactly as the paper describes
-(``vllm_tokenzoom.methods.ttm``); the prompt's run of video placeholders is shortened to
+(``vllm_tokenzoom.methods.ttm``; a baseline of ``methods.baselines`` in its place works the
+same way: the ``ttm`` argument takes any pre-LLM policy); the prompt's run of video placeholders is shortened to
 match, and HF ``generate`` decodes greedily from the embeddings. This is what DyCoke's own
 code does (features pruned before the sequence is built, positions contiguous).
 """
