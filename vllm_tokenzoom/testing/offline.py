@@ -11,6 +11,7 @@ trace (``TokenZoomLlavaOnevision.tokenzoom_trace``) belongs to its request.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -27,12 +28,14 @@ ENV = {
 
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
-                batch: bool = False, env: dict[str, str] | None = None, preload: list[str] = (),
+                batch: bool | int = False, env: dict[str, str] | None = None, preload: list[str] = (),
                 timeout: float = 600) -> dict[str, Any]:
-    """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video) or
-    ``video_file``; ``max_tokens``; ``question``. ``plugins=False`` runs vanilla vLLM (no
+    """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
+    ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``, with
+    ``frames_kept``: a subset of its frames); ``max_tokens``; ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
-    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces).
+    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces);
+    ``batch=N`` sends them N at a time (each video's pixels are held until it is encoded).
     ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``). ``preload``: modules
     the child imports before it builds the engine (test hooks; the engine runs in the
     child's own process); a module's ``report()`` result comes back under ``reports``."""
@@ -49,11 +52,21 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
     raise RuntimeError(f"offline run failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
 
 
+@functools.lru_cache(maxsize=16)
+def _videoqa_frames(seed: int):
+    from vllm_tokenzoom.testing.videoqa import make_clip
+
+    return make_clip(seed).frames
+
+
 def load_video(request: dict[str, Any]):
     from vllm_tokenzoom.testing.video import make_video, read_video
 
     if "video_file" in request:
         return read_video(request["video_file"])
+    if "videoqa_clip" in request:
+        frames = _videoqa_frames(request["videoqa_clip"])  # a clip's questions come in a row
+        return frames[request["frames_kept"]] if "frames_kept" in request else frames
     return make_video(request["frames"], seed=request.get("seed", 0))
 
 
@@ -83,7 +96,8 @@ def _child() -> None:
         return {"prompt": chat_prompt(llm.get_tokenizer(), question), "multi_modal_data": {"video": load_video(req)}}
 
     def params_of(req):
-        return SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8), ignore_eos=True)
+        return SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8),
+                              ignore_eos=not req.get("stop_at_eos", False))
 
     def result(out, seconds, traces: bool):
         return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
@@ -103,10 +117,15 @@ def _child() -> None:
     for req in job["warmup"]:
         run(req)
     if job["batch"]:
-        prompts = [prompt_of(r) for r in job["requests"]]
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, [params_of(r) for r in job["requests"]], use_tqdm=False)
-        outputs = [result(o, time.perf_counter() - t0, traces=False) for o in outs]
+        reqs = job["requests"]
+        size = len(reqs) if job["batch"] is True else int(job["batch"])
+        outputs = []
+        for i in range(0, len(reqs), size):
+            chunk = reqs[i:i + size]
+            prompts = [prompt_of(r) for r in chunk]
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, [params_of(r) for r in chunk], use_tqdm=False)
+            outputs += [result(o, time.perf_counter() - t0, traces=False) for o in outs]
     else:
         outputs = [run(req) for req in job["requests"]]
     reports = {h.__name__: h.report() for h in hooks if hasattr(h, "report")}
@@ -121,7 +140,7 @@ def _decode_seconds(out) -> float | None:
 
 
 def _has_trace(llm) -> bool:
-    return llm.apply_model(lambda m: getattr(m, "tokenzoom_ttm", None) is not None)[0]
+    return llm.apply_model(lambda m: getattr(m, "tokenzoom_pre_llm", None) is not None)[0]
 
 
 def _dp_trace(llm):
@@ -137,7 +156,11 @@ def _dp_trace(llm):
 
 
 def _last_kept(llm) -> list[int]:
-    return llm.apply_model(lambda m: m.tokenzoom_trace[-1].tolist())[0]
+    def read(model):
+        kept = model.tokenzoom_trace[-1]
+        return None if kept is None else kept.tolist()
+
+    return llm.apply_model(read)[0]
 
 
 if __name__ == "__main__":
