@@ -1,0 +1,171 @@
+"""Accuracy on the synthetic video-QA task through vLLM, per method and token budget (issue #4).
+
+    python benchmarks/accuracy.py [--model checkpoints/videoqa-tiny] [--clips 200] [--quick]
+
+Every setting runs the test split's questions (``vllm_tokenzoom.testing.videoqa``) through
+offline ``LLM.generate`` (fp32, greedy, stop at EOS; each setting in its own process): full
+tokens (tokenzoom installed but not enabled, which is token-identical to vanilla vLLM and,
+unlike vanilla vLLM 0.32, survives batches of videos with different frame counts); TTM at several K; DyCoke (TTM + dynamic
+pruning); and the baselines at TTM's budgets and at 15% (random drop, uniform frame
+sampling, spatial pooling). Answers are exact match.
+
+Visual tokens kept at prefill are measured from vLLM's prompt length (prompt tokens minus
+the text's); the share attended during decode is that times, for DyCoke, the share of
+layers x tokens its dynamic pruning leaves (layers < L all kept tokens, layers >= L the top
+1 - P), which is what it attends at every decode step.
+
+Appends rows to benchmarks/results/accuracy.csv, writes accuracy.png (accuracy against
+visual tokens kept) and accuracy_latest.md (the table the README quotes).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+
+from vllm_tokenzoom.config import parse_config  # noqa: E402
+from vllm_tokenzoom.testing import videoqa  # noqa: E402
+from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
+
+TOKENS_PER_FRAME = 196
+FIELDS = ["date", "machine", "vllm", "torch", "model", "clips", "questions", "setting", "method", "config",
+          "prefill_kept", "decode_attended", "accuracy", "per_kind", "seconds"]
+
+
+def ttm(k):
+    return {"methods": {"ttm": {"prune_ratio": k}}}
+
+
+def baseline(name, budget):
+    return {"methods": {name: {"keep_ratio": round(budget, 3)}}}
+
+
+def settings(quick: bool) -> list[tuple[str, str, dict | None]]:
+    """(name, method family, tokenzoom config or None for vanilla vLLM)."""
+    ks = [0.7] if quick else [0.3, 0.7, 0.9]
+    budgets = [round(_ttm_budget(k), 3) for k in ks] + [0.15]
+    out = [("full tokens", "full", None)]
+    out += [(f"ttm K={k}", "ttm", ttm(k)) for k in ks]
+    out += [("dycoke (K=0.7, L=3, P=0.7)", "dycoke", {"preset": "dycoke"})]
+    for name in ("random_drop", "frame_sampling", "spatial_pool"):
+        for b in (budgets if not quick else [budgets[0], 0.15]):
+            out.append((f"{name} {b:.2f}", name, baseline(name, b)))
+    return out
+
+
+def _ttm_budget(k: float, frames=range(16, 33)) -> float:
+    """Mean share of visual tokens TTM at K keeps over the task's frame counts."""
+    policy = parse_config({"tokenzoom": ttm(k)}).ttm
+    return sum(policy.num_kept_tokens(t, TOKENS_PER_FRAME) / (t * TOKENS_PER_FRAME) for t in frames) / len(frames)
+
+
+def decode_share(config: dict | None, num_layers: int) -> float:
+    """Share of the kept visual tokens attended per layer during decode, averaged over layers."""
+    dp = parse_config({"tokenzoom": config}).dp if config is not None else None
+    if dp is None:
+        return 1.0
+    return (dp.layer + (num_layers - dp.layer) * (1 - dp.prune_ratio)) / num_layers
+
+
+def run_setting(model: str, name: str, config: dict | None, questions, tokenizer, chunk: int) -> dict:
+    from vllm_tokenzoom.testing.video import chat_prompt
+
+    requests = [dict(videoqa_clip=clip.seed, question=q.text, max_tokens=6, stop_at_eos=True)
+                for clip, q in questions]
+    t0 = time.perf_counter()
+    result = run_offline(model, requests, {"tokenzoom": config} if config is not None else {},
+                         batch=chunk, timeout=7200,
+                         llm_kwargs={"mm_processor_cache_gb": 2, "max_num_seqs": chunk,
+                                     "max_num_batched_tokens": 8192})  # a 32-frame video: 6,273 tokens
+    seconds = time.perf_counter() - t0
+    right: dict[str, list[int]] = {}
+    kept = []
+    for (clip, q), out in zip(questions, result["outputs"]):
+        right.setdefault(q.kind, []).append(int(out["text"].strip() == q.answer))
+        text = len(tokenizer(chat_prompt(tokenizer, q.text)).input_ids) - 1  # minus the <video> placeholder
+        kept.append((out["num_prompt_tokens"] - text - 1) / (clip.num_frames * TOKENS_PER_FRAME))  # - newline
+    every = [x for v in right.values() for x in v]
+    return dict(accuracy=sum(every) / len(every), per_kind={k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())},
+                prefill_kept=sum(kept) / len(kept), seconds=seconds)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="checkpoints/videoqa-tiny")
+    ap.add_argument("--clips", type=int, default=200, help="test clips (about 5.7 questions each)")
+    ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
+    ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="40 clips; TTM K=0.7, DyCoke, baselines at its budget and 15%%")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.clips = min(args.clips, 40)
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    num_layers = AutoConfig.from_pretrained(args.model).text_config.num_hidden_layers
+    clips = [videoqa.make_clip(s, render=False) for s in videoqa.split_seeds("test", args.clips)]
+    questions = [(c, q) for c in clips for q in videoqa.questions(c)]
+    chosen = settings(args.quick)
+    if args.only:
+        chosen = [s for s in chosen if s[1] in args.only.split(",")]
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
+                torch=_version("torch"), model=args.model, clips=args.clips, questions=len(questions))
+    rows = []
+    for name, family, config in tqdm(chosen, desc="settings", unit="setting"):
+        r = run_setting(args.model, name, config, questions, tokenizer, args.chunk)
+        rows.append({**meta, "setting": name, "method": family, "config": json.dumps(config),
+                     "prefill_kept": round(r["prefill_kept"], 4),
+                     "decode_attended": round(r["prefill_kept"] * decode_share(config, num_layers), 4),
+                     "accuracy": round(r["accuracy"], 4), "per_kind": json.dumps(r["per_kind"]),
+                     "seconds": round(r["seconds"], 1)})
+        tqdm.write(f"{name:32s} kept {rows[-1]['prefill_kept']:.3f}  accuracy {rows[-1]['accuracy']:.3f}  {r['per_kind']}")
+    save(rows)
+
+
+def save(rows) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "accuracy.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    m = rows[0]
+    lines = [f"Accuracy on the video-QA test split ({m['clips']} clips, {m['questions']} questions, exact match), "
+             f"{m['model']}, vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
+             "| setting | visual tokens kept (prefill) | attended (decode) | accuracy |", "|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['decode_attended']:.1%} | {r['accuracy']:.1%} |" for r in rows]
+    (RESULTS / "accuracy_latest.md").write_text("\n".join(lines) + "\n")
+    plot(rows, RESULTS / "accuracy.png")
+    print("\n".join(lines))
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["prefill_kept"], r["accuracy"]) for r in rows if r["method"] == family)
+        ax.plot(*zip(*pts), marker="o", label=family, linestyle="-" if len(pts) > 1 else "none")
+    ax.set_xlabel("visual tokens kept at prefill (share of the video's)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(f"video-QA test split, {rows[0]['questions']} questions ({rows[0]['date']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
