@@ -155,9 +155,9 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family in dict.fromkeys(r["method"] for r in rows):
+    for family, marker in zip(dict.fromkeys(r["method"] for r in rows), "o^xsDv*P"):
         pts = sorted((r["prefill_kept"], r["accuracy"]) for r in rows if r["method"] == family)
-        ax.plot(*zip(*pts), marker="o", label=family, linestyle="-" if len(pts) > 1 else "none")
+        ax.plot(*zip(*pts), marker=marker, markersize=8, label=family, linestyle="-" if len(pts) > 1 else "none")
     ax.set_xlabel("visual tokens kept at prefill (share of the video's)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(f"video-QA test split, {rows[0]['questions']} questions ({rows[0]['date']})")
