@@ -10,9 +10,9 @@ pruning); and the baselines at TTM's budgets and at 15% (random drop, uniform fr
 sampling, spatial pooling). Answers are exact match.
 
 Visual tokens kept at prefill are measured from vLLM's prompt length (prompt tokens minus
-the text's); the share attended during decode is that times, for DyCoke, the share of
-layers x tokens its dynamic pruning leaves (layers < L all kept tokens, layers >= L the top
-1 - P), which is what it attends at every decode step.
+the text's); for DyCoke, the tokens attended during decode are what its dynamic pruning
+reads at every decode step from those (``DP.mean_attended``: all of them in layers < L,
+the top 1 - P in the others, averaged over layers).
 
 Appends rows to benchmarks/results/accuracy.csv, writes accuracy.png (accuracy against
 visual tokens kept) and accuracy_latest.md (the table the README quotes).
@@ -65,15 +65,8 @@ def _ttm_budget(k: float, frames=range(16, 33)) -> float:
     return sum(policy.num_kept_tokens(t, TOKENS_PER_FRAME) / (t * TOKENS_PER_FRAME) for t in frames) / len(frames)
 
 
-def decode_share(config: dict | None, num_layers: int) -> float:
-    """Share of the kept visual tokens attended per layer during decode, averaged over layers."""
-    dp = parse_config({"tokenzoom": config}).dp if config is not None else None
-    if dp is None:
-        return 1.0
-    return (dp.layer + (num_layers - dp.layer) * (1 - dp.prune_ratio)) / num_layers
-
-
-def run_setting(model: str, name: str, config: dict | None, questions, tokenizer, chunk: int) -> dict:
+def run_setting(model: str, name: str, config: dict | None, questions, tokenizer, chunk: int,
+                num_layers: int) -> dict:
     from vllm_tokenzoom.testing.video import chat_prompt
 
     requests = [dict(videoqa_clip=clip.seed, question=q.text, max_tokens=6, stop_at_eos=True)
@@ -84,15 +77,19 @@ def run_setting(model: str, name: str, config: dict | None, questions, tokenizer
                          llm_kwargs={"mm_processor_cache_gb": 2, "max_num_seqs": chunk,
                                      "max_num_batched_tokens": 8192})  # a 32-frame video: 6,273 tokens
     seconds = time.perf_counter() - t0
+    dp = parse_config({"tokenzoom": config}).dp if config is not None else None
     right: dict[str, list[int]] = {}
-    kept = []
+    kept, attended = [], []
     for (clip, q), out in zip(questions, result["outputs"]):
         right.setdefault(q.kind, []).append(int(out["text"].strip() == q.answer))
         text = len(tokenizer(chat_prompt(tokenizer, q.text)).input_ids) - 1  # minus the <video> placeholder
-        kept.append((out["num_prompt_tokens"] - text - 1) / (clip.num_frames * TOKENS_PER_FRAME))  # - newline
+        visual = out["num_prompt_tokens"] - text - 1  # minus the newline
+        read = visual if dp is None else dp.mean_attended(visual, num_layers)
+        kept.append(visual / (clip.num_frames * TOKENS_PER_FRAME))
+        attended.append(read / (clip.num_frames * TOKENS_PER_FRAME))
     every = [x for v in right.values() for x in v]
     return dict(accuracy=sum(every) / len(every), per_kind={k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())},
-                prefill_kept=sum(kept) / len(kept), seconds=seconds)
+                prefill_kept=sum(kept) / len(kept), decode_attended=sum(attended) / len(attended), seconds=seconds)
 
 
 def main(argv=None) -> None:
@@ -119,10 +116,10 @@ def main(argv=None) -> None:
                 torch=_version("torch"), model=args.model, clips=args.clips, questions=len(questions))
     rows = []
     for name, family, config in tqdm(chosen, desc="settings", unit="setting"):
-        r = run_setting(args.model, name, config, questions, tokenizer, args.chunk)
+        r = run_setting(args.model, name, config, questions, tokenizer, args.chunk, num_layers)
         rows.append({**meta, "setting": name, "method": family, "config": json.dumps(config),
                      "prefill_kept": round(r["prefill_kept"], 4),
-                     "decode_attended": round(r["prefill_kept"] * decode_share(config, num_layers), 4),
+                     "decode_attended": round(r["decode_attended"], 4),
                      "accuracy": round(r["accuracy"], 4), "per_kind": json.dumps(r["per_kind"]),
                      "seconds": round(r["seconds"], 1)})
         tqdm.write(f"{name:32s} kept {rows[-1]['prefill_kept']:.3f}  accuracy {rows[-1]['accuracy']:.3f}  {r['per_kind']}")

@@ -57,7 +57,7 @@ def settings(model: str, frames: int) -> dict[str, dict]:
     ttm, dp = methods["ttm"], methods["dp"]
     kept = ttm.num_kept_tokens(frames, PER_FRAME)
     layers = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
-    attended = (dp.layer * kept + (layers - dp.layer) * int(kept * (1 - dp.prune_ratio))) / layers
+    attended = dp.mean_attended(kept, layers)
     out = {name: dict(config={"tokenzoom": {"preset": preset}}, plugins=True, frames=frames)
            for name, preset in PRESET.items()}
     out["vanilla"] = dict(config={}, plugins=False, frames=frames)

@@ -6,7 +6,7 @@ The model is the ``tiny`` preset of ``vllm_tokenzoom.testing.tiny_model`` (SigLI
 2 layers of width 64; Qwen2 LM, 4 layers, hidden 128, 4 heads, 2 KV heads): the real
 architecture at small dimensions. The vision tower stays frozen at its random init
 (seed 0) and its features are computed once per clip and cached; the projector, the
-video newline and the LM are trained (AdamW, cosine schedule) on full-token clips only.
+video newline and the LM are trained (AdamW, cosine schedule).
 
 One optimiser step is one clip: its prompt prefix (system, user header, the clip's
 T*196+1 visual tokens) runs once and every question of the clip reuses its KV
@@ -113,6 +113,7 @@ class Prompts:
     def __init__(self, tokenizer, video_token: int):
         self.tok, self.video_token = tokenizer, video_token
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.prefix = self.split("")[0]  # system + user header: the same for every question
 
     def split(self, question: str) -> tuple[list[int], list[int]]:
         ids = self.tok(chat_prompt(self.tok, question)).input_ids
@@ -134,8 +135,7 @@ def expand_cache(cache, batch: int):
 
 def prefix_forward(model, prompts: Prompts, embeds: torch.Tensor):
     """Run [system + user header][video] once; -> (KV cache, prefix length)."""
-    pre, _ = prompts.split("")
-    x = torch.cat((model.get_input_embeddings()(torch.tensor(pre)), embeds))[None]  # [1, P, D]
+    x = torch.cat((model.get_input_embeddings()(torch.tensor(prompts.prefix)), embeds))[None]  # [1, P, D]
     out = model.model.language_model(inputs_embeds=x, use_cache=True)
     return out.past_key_values, x.shape[1]
 
@@ -188,14 +188,10 @@ def qa_loss(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Ques
 @torch.inference_mode()
 def answer(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Question], max_tokens: int = 4):
     """Greedy answers (text) to each question, the clip's prefix computed once."""
-    from transformers import DynamicCache
-
     cache, plen = prefix_forward(model, prompts, embeds)
     replies = []
     for q in qs:
-        own = DynamicCache()
-        for i, layer in enumerate(cache.layers):
-            own.update(layer.keys, layer.values, i)
+        own = expand_cache(cache, 1)  # the question's own cache over the shared prefix
         ids, out = prompts.split(q.text)[1], []
         pos = plen
         for _ in range(max_tokens):
@@ -267,7 +263,6 @@ def main(argv=None) -> None:
     train = videoqa.split_seeds("train", args.train_clips)
     val = videoqa.split_seeds("val", args.val_clips)
     test = videoqa.split_seeds("test", args.test_clips)
-    t0 = time.perf_counter()
     for s in tqdm(val, desc="val tower features", unit="clip"):
         features(s)  # training clips' features are computed on first use (epoch 1), test's at the end
 
@@ -311,7 +306,7 @@ def main(argv=None) -> None:
     train_s = time.perf_counter() - t0
     model.eval()
     metrics = {
-        "config": {k: v for k, v in vars(args).items()}, "preset": "tiny", "machine": platform.processor() or platform.machine(),
+        "config": vars(args), "preset": "tiny", "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "train_minutes": round(train_s / 60, 1),
         "history": history,
         "test_full": evaluate(model, prompts, features, test),

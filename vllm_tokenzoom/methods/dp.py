@@ -87,6 +87,11 @@ class DP:
     def num_kept(self, num_visual: int) -> int:
         return int(num_visual * (1.0 - self.prune_ratio))
 
+    def mean_attended(self, num_visual: int, num_layers: int) -> float:
+        """Visual tokens a decode step reads per layer, averaged over the model's layers:
+        all of them in layers < L, ``num_kept`` in the others."""
+        return (self.layer * num_visual + (num_layers - self.layer) * self.num_kept(num_visual)) / num_layers
+
     def decide(self, scores: torch.Tensor, state: DPState) -> DPDecision:
         """scores: [V] float attention mass of the current query on each visual token
         (head-averaged, at the score layer). Pure: returns the decision and the next state."""

@@ -93,10 +93,8 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
     if single and (use_triton or use_cpp):
         keys, bias, keys32, bias32 = _keys_and_bias(multiplicity, seq_len)  # one decode query: 1-D keys, bias
         if use_cpp:
-            result = torch.empty_like(query) if out is None else out
-            mass = cpp_ops().indexed_decode_attention(
-                query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
-                layout_code(v_offsets), block_row, [keys32], [bias32], scale, result, want_mass)
+            result, mass = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_row,
+                                       [(keys32, bias32)], scale, want_mass, out)
             return result, (mass[0] if want_mass else None), keys
         from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
@@ -119,12 +117,20 @@ def indexed_decode_batch(query, k_region, v_region, k_offsets, v_offsets, block_
     seq_lens and multiplicities (each [seq_len] or None) one per request.
     -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
     entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
+    result, masses = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table,
+                                 [e[2:] for e in entries], scale, want_mass, out)
+    return result, (masses if want_mass else None), [e[0] for e in entries]
+
+
+def _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, keys_bias, scale, want_mass, out):
+    """One C++ call for R decode queries; keys_bias: (keys int32, bias f32 or empty) per request.
+    -> (out [R, Hq, hs], R masses [1, n_r] or an empty list)."""
     result = torch.empty_like(query) if out is None else out
     masses = cpp_ops().indexed_decode_attention(
         query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
-        layout_code(v_offsets), block_table, [e[2] for e in entries], [e[3] for e in entries], scale, result,
+        layout_code(v_offsets), block_table, [k for k, _ in keys_bias], [b for _, b in keys_bias], scale, result,
         want_mass)
-    return result, (masses if want_mass else None), [e[0] for e in entries]
+    return result, masses
 
 
 __all__ = ["indexed_paged_attention", "indexed_decode_batch", "kernel_choice", "cpp_ops"]

@@ -31,8 +31,8 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
                 batch: bool | int = False, env: dict[str, str] | None = None, preload: list[str] = (),
                 timeout: float = 600) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
-    ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``, with
-    ``frames_kept``: a subset of its frames); ``max_tokens``; ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
+    ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
+    ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
     ``batch=True`` sends all requests in one ``generate`` call (no per-request traces);
     ``batch=N`` sends them N at a time (each video's pixels are held until it is encoded).
@@ -65,8 +65,7 @@ def load_video(request: dict[str, Any]):
     if "video_file" in request:
         return read_video(request["video_file"])
     if "videoqa_clip" in request:
-        frames = _videoqa_frames(request["videoqa_clip"])  # a clip's questions come in a row
-        return frames[request["frames_kept"]] if "frames_kept" in request else frames
+        return _videoqa_frames(request["videoqa_clip"])  # a clip's questions come in a row
     return make_video(request["frames"], seed=request.get("seed", 0))
 
 

@@ -7,9 +7,8 @@ depends on the ISA and is found by probing (``cpu_kv_layout.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -18,23 +17,18 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_tokenzoom.v1.attention.backends.cpu_kv_layout import kv_offsets
-from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, rows_fields
+from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, RowsMetadata, with_rows
 
 
 @dataclass
-class TokenZoomCPUAttentionMetadata(CPUAttentionMetadata):
-    tz_rows: list | None = None  # batch row -> session (None: fast path)
-    tz_query_start_loc: torch.Tensor | None = None  # [num_reqs + 1] int, CPU
-    tz_seq_lens: torch.Tensor | None = None  # [num_reqs] int, CPU
+class TokenZoomCPUAttentionMetadata(CPUAttentionMetadata, RowsMetadata):
+    pass
 
 
 class TokenZoomCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return TokenZoomCPUAttentionMetadata(
-            **{f.name: getattr(metadata, f.name) for f in fields(CPUAttentionMetadata)},
-            **rows_fields(common_attn_metadata),
-        )
+        return with_rows(TokenZoomCPUAttentionMetadata, metadata, common_attn_metadata)
 
 
 class TokenZoomCPUAttentionBackendImpl(IndexedRowsMixin, CPUAttentionBackendImpl):

@@ -2,7 +2,7 @@
 
 A backend impl mixes :class:`IndexedRowsMixin` in before the platform's impl and says
 where a layer's K and V live (:meth:`kv_regions`); its metadata builder publishes the
-batch rows' sessions with :func:`rows_fields`. Per layer call:
+batch rows' sessions with :func:`with_rows` (metadata class mixing in :class:`RowsMetadata`). Per layer call:
 - fast path: no row belongs to a tokenzoom session, or none needs anything at this layer
   -> the platform's kernel, unchanged;
 - indexed path: each row that has a modified view at this layer, or whose policy wants
@@ -12,6 +12,8 @@ batch rows' sessions with :func:`rows_fields`. Per layer call:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
@@ -20,8 +22,23 @@ from vllm_tokenzoom.ops import indexed_paged_attention
 from vllm_tokenzoom.v1.worker.sessions import current_rows
 
 
+@dataclass(kw_only=True)
+class RowsMetadata:
+    """The fields a tokenzoom backend adds to its platform's attention metadata (a mixin:
+    ``@dataclass class M(PlatformMetadata, RowsMetadata)``)."""
+
+    tz_rows: list | None = None  # batch row -> session (None: fast path)
+    tz_query_start_loc: torch.Tensor | None = None  # [num_reqs + 1] int, CPU
+    tz_seq_lens: torch.Tensor | None = None  # [num_reqs] int, CPU
+
+
+def with_rows(cls, metadata, common_attn_metadata):
+    """The platform's ``metadata`` as ``cls`` (its subclass with :class:`RowsMetadata`), rows filled in."""
+    return cls(**{f.name: getattr(metadata, f.name) for f in fields(metadata)}, **rows_fields(common_attn_metadata))
+
+
 def rows_fields(common_attn_metadata) -> dict:
-    """Extra metadata fields: batch row -> session (None: fast path), query starts, seq lens (CPU)."""
+    """The :class:`RowsMetadata` fields for this step's batch (all None outside it)."""
     rows = current_rows()
     if rows is not None and len(rows) != common_attn_metadata.num_reqs:
         rows = None  # not this step's batch (a profiling or dummy run)

@@ -12,7 +12,7 @@ it (``_cudagraph_support = NEVER``): the per-row Python logic must run every ste
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
 
@@ -25,14 +25,12 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, rows_fields
+from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, RowsMetadata, with_rows
 
 
 @dataclass
-class TokenZoomTritonAttentionMetadata(TritonAttentionMetadata):
-    tz_rows: list | None = None
-    tz_query_start_loc: torch.Tensor | None = None
-    tz_seq_lens: torch.Tensor | None = None
+class TokenZoomTritonAttentionMetadata(TritonAttentionMetadata, RowsMetadata):
+    pass
 
 
 class TokenZoomTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
@@ -40,10 +38,7 @@ class TokenZoomTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return TokenZoomTritonAttentionMetadata(
-            **{f.name: getattr(metadata, f.name) for f in fields(TritonAttentionMetadata)},
-            **rows_fields(common_attn_metadata),
-        )
+        return with_rows(TokenZoomTritonAttentionMetadata, metadata, common_attn_metadata)
 
 
 class TokenZoomTritonAttentionImpl(IndexedRowsMixin, TritonAttentionImpl):
