@@ -16,17 +16,18 @@ Each step trains every question the clip supports (count, first, last, presence 
 colour, the side of each flash, the order of each pair of flashes), not only the five or
 six of the evaluation set.
 Curriculum (the answers stay true throughout: every flash token is always kept, in order):
-- first half of the steps: only the visual tokens near a flash (positions contiguous, as
-  after pruning), 8 clips per step;
+- first half of the steps: only each flash's 2x2 token cells and the ring around them
+  (positions contiguous, as after pruning), 8 clips per step; once the running loss says
+  the answers have found the flash tokens (``--found-loss``), a random few of the other
+  tokens too (up to ``--distractors``), so the number of tokens stops telling the count;
 - then one clip per step with a growing random share of the other tokens, all of them
   from 80% of the steps on.
 Without it the answers' attention, spread evenly over ~5,000 visual tokens at init, did
-not find the ~4-10 tokens a flash covers (measured: chance-level validation accuracy after
-600 full-length steps, and after 1,500 steps of a one-clip-per-step curriculum).
-Known limit: ``count`` stays at chance on whole clips. With only flash tokens the number
-of visual tokens gives the count away, and the model learns that shortcut; 300 further
-steps with random shares of the other tokens (``--init <checkpoint> --shares mixed``) did
-not teach it to count either (validation count 0.27).
+not find the few tokens a flash covers (measured: chance-level validation accuracy after
+600 full-length steps, and after 1,500 steps of a one-clip-per-step curriculum). Measured
+too: with distractors from the first step the loss stayed on its plateau (0.31 after 800
+steps); the previous task version (flashes as disks of 4-10 tokens, no distractors) let the
+model count by sequence length, and ``count`` stayed at chance on whole clips.
 
 Writes the checkpoint (vLLM- and HF-loadable, with tokenizer and processor) and
 ``train_metrics.json`` (config, seed, timings, per-kind val/test accuracy, full tokens
@@ -49,7 +50,7 @@ from vllm_tokenzoom.testing import tiny_model, videoqa
 from vllm_tokenzoom.testing.tokenizer import build_tokenizer
 from vllm_tokenzoom.testing.video import chat_prompt
 
-GRID = 14  # pooled tokens per frame side (196 per frame)
+GRID = videoqa.GRID  # token cells per frame side (196 per frame)
 
 
 def build_model(seed: int):
@@ -87,7 +88,7 @@ class Features:
     @torch.inference_mode()
     def __call__(self, seed: int) -> torch.Tensor:
         if seed not in self.memory:
-            path = self.dir / f"{seed}.pt"
+            path = self.dir / f"v{videoqa.VERSION}-{seed}.pt"
             if path.exists():
                 feats = torch.load(path)
             else:
@@ -152,14 +153,13 @@ def training_questions(clip: videoqa.Clip) -> list[videoqa.Question]:
 
 
 def curriculum_tokens(clip: videoqa.Clip, share: float, rng: random.Random) -> torch.Tensor:
-    """[K] visual indices: every token whose 27-px cell centre lies within a flash's radius
-    + one cell of its centre (in the flash's frame), plus ``share`` of the others; ascending."""
-    cell = videoqa.SIZE / GRID
-    centre = (torch.arange(GRID) + 0.5) * cell
+    """[K] visual indices: each flash's 2x2 token cells and the ring of cells around them (in
+    the flash's frame), plus ``share`` of the other tokens; ascending."""
     near = set()
     for f in clip.flashes:
-        d2 = (centre[:, None] - f.y) ** 2 + (centre[None, :] - f.x) ** 2  # [14, 14]
-        near.update((f.frame * GRID * GRID + d2.flatten().le((f.radius + cell) ** 2).nonzero()[:, 0]).tolist())
+        rows = range(max(0, f.row - 1), min(GRID, f.row + 3))
+        cols = range(max(0, f.col - 1), min(GRID, f.col + 3))
+        near.update(f.frame * GRID * GRID + r * GRID + c for r in rows for c in cols)
     others = [v for v in range(clip.num_frames * GRID * GRID) if v not in near]
     return torch.tensor(sorted(near | set(rng.sample(others, round(share * len(others))))))
 
@@ -243,6 +243,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shares", choices=("curriculum", "mixed"), default="curriculum",
                     help="curriculum (see above) or mixed: one clip per step, whole or (half the time) "
                          "with a uniformly random share of its non-flash tokens")
+    ap.add_argument("--distractors", type=float, default=0.04,
+                    help="curriculum: once the flashes are found, each step keeps a uniformly random share up to "
+                         "this of the non-flash tokens (ramped in over 200 steps)")
+    ap.add_argument("--found-loss", type=float, default=0.05,
+                    help="curriculum: the running loss below which the flashes count as found")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 8 clips, 20 steps")
     args = ap.parse_args(argv)
     if args.quick:
@@ -272,15 +277,19 @@ def main(argv=None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps)))
     order: list[int] = []
+    ema, found = None, None  # running loss; the step at which it fell below --found-loss
     history, t0 = [], time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc="train", unit="step")
     model.train()
     for step in bar:
+        first_half = args.shares == "curriculum" and step <= args.steps // 2
         if args.shares == "mixed":
             share = 1.0 if rng.random() < 0.5 else rng.random()
-        else:
-            share = max(0.0, (step / args.steps - 0.5) / 0.3)
-        clips = 8 if args.shares == "curriculum" and share == 0.0 else 1
+        else:  # once the flashes are found, a random few of the other tokens: length stops telling the count
+            cap = 0.0 if found is None else args.distractors * min(1.0, (step - found) / 200)
+            share = max(rng.uniform(0.0, cap), (step / args.steps - 0.5) / 0.3)
+        share = min(share, 1.0)
+        clips = 8 if first_half else 1
         opt.zero_grad(set_to_none=True)
         for _ in range(clips):
             if not order:
@@ -295,6 +304,10 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if found is None and ema < args.found_loss:
+            found = step
+            tqdm.write(f"step {step}: the answers found the flash tokens (loss {ema:.3f}); adding distractors")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
@@ -308,7 +321,7 @@ def main(argv=None) -> None:
     metrics = {
         "config": vars(args), "preset": "tiny", "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "train_minutes": round(train_s / 60, 1),
-        "history": history,
+        "history": history, "distractors_from_step": found,
         "test_full": evaluate(model, prompts, features, test),
         "test_random_drop_85": evaluate(model, prompts, features, test, drop=0.85, seed=args.seed),
     }

@@ -1,5 +1,5 @@
 """The synthetic video-QA task (deterministic, answers true to the pixels) and the model trained
-on it (vLLM answers exactly as HF transformers does, and well above chance)."""
+on it (vLLM answers exactly as HF transformers does, and mostly right)."""
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,11 @@ def test_each_flash_shows_in_exactly_its_frame_and_side(seed):
     assert 1 <= len(clip.flashes) <= 4 and [f.frame for f in clip.flashes] == sorted(f.frame for f in clip.flashes)
     for flash in clip.flashes:
         colour = np.array(videoqa.COLOURS[flash.colour])
-        centre = clip.frames[:, flash.y, flash.x].astype(int)  # [T, 3]
-        shown = np.abs(centre - colour).max(axis=1) < 20
-        assert shown.tolist() == [t == flash.frame for t in range(clip.num_frames)]
-        assert (flash.x < 192) == (flash.side == "left") and abs(flash.x - 192) > 0.1 * 384 - flash.radius
+        rows, cols = flash.pixels  # its 2x2 token cells of 27 px: 54x54 pixels
+        assert rows.stop - rows.start == cols.stop - cols.start == 54 and rows.stop <= 378 and cols.stop <= 378
+        covered = np.abs(clip.frames[:, rows, cols].astype(int) - colour).max(axis=-1) < 20  # [T, 54, 54]
+        assert covered.all(axis=(1, 2)).tolist() == [t == flash.frame for t in range(clip.num_frames)]
+        assert (cols.stop <= 6 * 27) if flash.side == "left" else (cols.start >= 8 * 27)  # clear of the middle
 
 
 def test_answers_follow_from_the_flashes():
@@ -75,4 +76,5 @@ def test_trained_model_answers_in_vllm_as_in_hf_transformers():
         assert got["tokens"] == ref.tokens, q
         answer = tokenizer.decode(ref.tokens).split("<|im_end|>")[0].strip()
         right += answer == q.answer
-    assert right >= 0.5 * len(cases), f"{right} of {len(cases)} right"  # chance: ~0.37 (1/6 to 1/2 per kind)
+    # the trained checkpoint: 95.7% on the whole test split (train_metrics.json); chance ~0.37
+    assert right >= 0.8 * len(cases), f"{right} of {len(cases)} right"

@@ -5,8 +5,10 @@ tokens per frame, as the real model):
 - a static, smooth, muted background with slow global lighting drift and pixel noise
   (temporal redundancy: most tokens barely change from frame to frame, what TTM exploits);
 - one or two dim boxes drifting slowly (motion that is not asked about);
-- 1-4 *flashes*: a bright disk of a distinct colour visible in exactly one frame, in the
-  left or right part of the frame (about 2x2 tokens of the 196).
+- 1-4 *flashes*: a bright square of a distinct colour visible in exactly one frame, in the
+  left or right part of the frame, covering exactly 2x2 token cells of the 14x14 grid
+  (every flash weighs the same 4 of the frame's 196 tokens, so counting flashes is
+  counting what the tokens show, not guessing from how big each one looks).
 
 Questions (``questions(clip)``) need the flashes' frames and regions: how many there are,
 the colour of the first / last one, whether a colour appears, the order of two of them,
@@ -22,12 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 384  # frame side in pixels: SigLIP's input size, so the processor does not rescale
+GRID = 14  # token cells per frame side (27x27 SigLIP patches of 14 px, pooled 2x2 -> 196 tokens)
+CELL = 27  # pixels per token cell: 2 patches of 14 px (the last 6 px of the frame are not seen)
 COLOURS = {  # flash colour name -> RGB (saturated, bright: unlike the muted background)
     "red": (230, 30, 30), "green": (30, 210, 40), "blue": (40, 60, 235),
     "yellow": (240, 230, 30), "white": (250, 250, 250), "purple": (170, 40, 220),
 }
 NUMBERS = ["zero", "one", "two", "three", "four"]
 KINDS = ("count", "first", "last", "presence", "order", "side")
+VERSION = 2  # bumped whenever the pixels a seed gives change (feature caches are keyed by it)
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seed ranges
 
 
@@ -35,13 +40,17 @@ SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seed rang
 class Flash:
     frame: int  # the one frame it is visible in
     colour: str
-    y: int  # centre, pixels
-    x: int
-    radius: int
+    row: int  # top-left token cell of the 2x2 cells it covers
+    col: int
 
     @property
     def side(self) -> str:
-        return "left" if self.x < SIZE // 2 else "right"
+        return "left" if self.col < GRID // 2 else "right"
+
+    @property
+    def pixels(self) -> tuple[slice, slice]:
+        """(rows, cols) of the pixels it covers: exactly its 2x2 token cells."""
+        return (slice(self.row * CELL, (self.row + 2) * CELL), slice(self.col * CELL, (self.col + 2) * CELL))
 
 
 @dataclass(frozen=True)
@@ -82,11 +91,10 @@ def _flashes(rng: np.random.Generator, num_frames: int) -> tuple[Flash, ...]:
     colours = rng.choice(list(COLOURS), size=count, replace=False).tolist()
     flashes = []
     for frame, colour in zip(frames, colours):
-        radius = int(rng.integers(18, 25))
         left = rng.random() < 0.5
-        x = int(rng.integers(radius, int(0.4 * SIZE)) if left else rng.integers(int(0.6 * SIZE), SIZE - radius))
-        y = int(rng.integers(radius, SIZE - radius))
-        flashes.append(Flash(frame=int(frame), colour=colour, y=y, x=x, radius=radius))
+        col = int(rng.integers(0, 5) if left else rng.integers(GRID // 2 + 1, GRID - 1))  # a cell clear of the middle
+        row = int(rng.integers(0, GRID - 1))
+        flashes.append(Flash(frame=int(frame), colour=colour, row=row, col=col))
     return tuple(flashes)
 
 
@@ -102,7 +110,6 @@ def make_clip(seed: int, num_frames: int | None = None, render: bool = True) -> 
     drift = rng.uniform(-0.1, 0.1)
     if not render:
         return Clip(seed=seed, num_frames=num_frames, flashes=flashes, frames=None)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     frames = np.empty((num_frames, SIZE, SIZE, 3), dtype=np.uint8)
     for t in range(num_frames):
         frame = background * (1 + drift * t / num_frames)
@@ -112,8 +119,7 @@ def make_clip(seed: int, num_frames: int | None = None, render: bool = True) -> 
             frame[y:y + s, x:x + s] = box["shade"]
         for flash in flashes:
             if flash.frame == t:
-                disk = (yy - flash.y) ** 2 + (xx - flash.x) ** 2 <= flash.radius ** 2
-                frame[disk] = COLOURS[flash.colour]
+                frame[flash.pixels] = COLOURS[flash.colour]
         frame = frame + rng.normal(0, 3, size=frame.shape)
         frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return Clip(seed=seed, num_frames=num_frames, flashes=flashes, frames=frames)
