@@ -34,7 +34,7 @@ from vllm_tokenzoom.testing import videoqa  # noqa: E402
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
 TOKENS_PER_FRAME = 196
-FIELDS = ["date", "machine", "vllm", "torch", "model", "clips", "questions", "setting", "method", "config",
+FIELDS = ["date", "machine", "vllm", "torch", "model", "task", "clips", "questions", "setting", "method", "config",
           "prefill_kept", "decode_attended", "accuracy", "per_kind", "seconds"]
 
 
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
-                torch=_version("torch"), model=args.model, clips=args.clips, questions=len(questions))
+                torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", clips=args.clips, questions=len(questions))
     rows = []
     for name, family, config in tqdm(chosen, desc="settings", unit="setting"):
         r = run_setting(args.model, name, config, questions, tokenizer, args.chunk, num_layers)
@@ -130,6 +130,12 @@ def save(rows) -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "accuracy.csv"
     new = not path.exists()
+    old = [] if new else list(csv.DictReader(path.open()))
+    if old and list(old[0]) != FIELDS:  # the task column came with task v2: earlier rows were v1
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows({"task": "videoqa v1", **row} for row in old)
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -137,7 +143,7 @@ def save(rows) -> None:
         w.writerows(rows)
     m = rows[0]
     lines = [f"Accuracy on the video-QA test split ({m['clips']} clips, {m['questions']} questions, exact match), "
-             f"{m['model']}, vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
+             f"{m['model']} ({m['task']}), vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
              "| setting | visual tokens kept (prefill) | attended (decode) | accuracy |", "|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['decode_attended']:.1%} | {r['accuracy']:.1%} |" for r in rows]
     (RESULTS / "accuracy_latest.md").write_text("\n".join(lines) + "\n")

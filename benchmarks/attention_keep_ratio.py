@@ -10,6 +10,10 @@ attention at keep ratio r costs at most (r + 0.1) x dense.
 
     python benchmarks/attention_keep_ratio.py [--seq-lens 1536,3192] [--batches 1,16] [--iters 200]
 
+``--layers 24``: the calls cycle through 24 distinct caches (one per layer of Qwen2-0.5B), so
+each reads its KV from memory as in a real decode step, not from a CPU cache left hot by the
+previous call (the default, ``--layers 1``, measures that hot case).
+
 Batch 16: 16 requests (each its own kept subset) in one call of each kernel. "mass": the
 per-token scores are computed too (only scoring layers ask for them). Configurations are
 timed interleaved, in rounds; ratio_to_dense is the median of the per-round ratios and
@@ -99,6 +103,16 @@ def interleaved(fns: dict, iters: int, rounds: int = 9) -> dict:
     return out
 
 
+def rotate(calls: list):
+    """One callable that runs ``calls`` in turn (a layer after another)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(calls)
+        calls[state["i"]]()
+    return call
+
+
 def keep_mask(seq_len: int, ratio: float, pattern: str = "random") -> torch.Tensor:
     """Multiplicity [seq_len]: ``ratio * seq_len`` positions (and the last) at 1, the rest 0.
     "random": a random subset; "runs16": random aligned runs of 16 tokens (a kept patch row
@@ -119,6 +133,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-lens", default="1536,3192", help="sequence lengths (dycoke and vanilla 16-frame prompts)")
     ap.add_argument("--batches", default="1,16", help="requests per call (one decode query each)")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--layers", type=int, default=1,
+                    help="distinct KV caches the calls cycle through, like a model's layers: 1 keeps one layer's "
+                         "KV hot in the CPU caches; 24 (Qwen2-0.5B) reads it from memory, as a real decode step does")
     ap.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference rows")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
@@ -131,26 +148,32 @@ def main(argv=None) -> None:
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         for batch in [int(x) for x in args.batches.split(",")]:
-            cache, k_cache, v_cache, table, isa = make_cache(seq_len, batch)
             query = torch.randn(batch, HQ, HS)
-            regions = cache.view(cache.shape[0], HKV, 2, BLOCK * HS)
-            kr, vr = regions[:, :, 0], regions[:, :, 1]
-            k_off, v_off = kv_offsets(isa, torch.float32, BLOCK, HS)
             out = torch.empty(batch, HQ, HS)
-            fns = {"dense": dense_call(seq_len, k_cache, v_cache, table, isa, query, torch.empty(batch, HQ * HS))}
+            layers = [make_cache(seq_len, batch) for _ in range(args.layers)]  # each its own KV, as a model's layers
+            isa = layers[0][4]
+            k_off, v_off = kv_offsets(isa, torch.float32, BLOCK, HS)
+            regions = [cache.view(cache.shape[0], HKV, 2, BLOCK * HS) for cache, *_ in layers]
+            fns = {"dense": rotate([dense_call(seq_len, k, v, table, isa, query, torch.empty(batch, HQ * HS))
+                                    for _, k, v, table, _ in layers])}
             for ratio, pattern in [(r, p) for r in RATIOS for p in PATTERNS if r < 1 or p == "random"]:
                 ms = [keep_mask(seq_len, ratio, pattern) for _ in range(batch)]
                 for mass in (True, False):  # the scores are asked for at scoring layers only
-                    if batch == 1:
-                        fns[("cpp", ratio, pattern, mass)] = (lambda m=ms[0], mass=mass: indexed_paged_attention(
-                            query, kr, vr, k_off, v_off, table[0], seq_len, m, HS ** -0.5, want_mass=mass, out=out))
-                    else:
-                        fns[("cpp", ratio, pattern, mass)] = (lambda ms=ms, mass=mass: indexed_decode_batch(
-                            query, kr, vr, k_off, v_off, table, [seq_len] * batch, ms, HS ** -0.5, want_mass=mass,
-                            out=out))
+                    calls = []
+                    for reg, (*_, table, _) in zip(regions, layers):
+                        kr, vr = reg[:, :, 0], reg[:, :, 1]
+                        if batch == 1:
+                            calls.append(lambda m=ms[0], mass=mass, kr=kr, vr=vr, t=table: indexed_paged_attention(
+                                query, kr, vr, k_off, v_off, t[0], seq_len, m, HS ** -0.5, want_mass=mass, out=out))
+                        else:
+                            calls.append(lambda ms=ms, mass=mass, kr=kr, vr=vr, t=table: indexed_decode_batch(
+                                query, kr, vr, k_off, v_off, t, [seq_len] * batch, ms, HS ** -0.5, want_mass=mass,
+                                out=out))
+                    fns[("cpp", ratio, pattern, mass)] = rotate(calls)
                 if batch == 1 and pattern == "random" and not args.no_torch:
+                    reg, table = regions[0], layers[0][3]
                     fns[("torch", ratio, pattern, True)] = (lambda m=ms[0]: ref.indexed_paged_attention(
-                        query, kr, vr, k_off, v_off, table[0], seq_len, m, HS ** -0.5))
+                        query, reg[:, :, 0], reg[:, :, 1], k_off, v_off, table[0], seq_len, m, HS ** -0.5))
             times = interleaved(fns, args.iters)
             dense = statistics.median(times["dense"])
             for key, samples in times.items():
@@ -159,7 +182,7 @@ def main(argv=None) -> None:
                 kernel, ratio, pattern, mass = key
                 rel = sorted(t / d for t, d in zip(samples, times["dense"]))  # per round: same machine state
                 t, r = statistics.median(samples), statistics.median(rel)
-                rows.append(dict(seq_len=seq_len, keep_ratio=ratio, kernel=kernel, dense_us=round(dense * 1e6, 1),
+                rows.append(dict(seq_len=seq_len, layers=args.layers, keep_ratio=ratio, kernel=kernel, dense_us=round(dense * 1e6, 1),
                                  indexed_us=round(t * 1e6, 1), ratio_to_dense=round(r, 3), goal=round(ratio + 0.1, 2),
                                  meets_goal=r <= ratio + 0.1, batch=batch, mass=mass, pattern=pattern,
                                  ratio_range=f"{rel[0]:.2f}-{rel[-1]:.2f}"))
@@ -178,7 +201,7 @@ def save(rows) -> None:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             for row in old:
-                w.writerow({"batch": 1, "mass": True, "pattern": "random", "ratio_range": "", **row})
+                w.writerow({"batch": 1, "mass": True, "pattern": "random", "ratio_range": "", "layers": 1, **row})
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         if not old:
@@ -205,7 +228,8 @@ def save(rows) -> None:
     ax.plot(RATIOS, [r + 0.1 for r in RATIOS], "k--", label="goal: r + 0.1")
     ax.set_xlabel("keep ratio r")
     ax.set_ylabel("indexed time / dense (vLLM CPU kernel)")
-    ax.set_title(f"decode attention, 14/2 heads, hs 64\n{meta['machine']}, {meta['threads']} threads", fontsize=9)
+    ax.set_title(f"decode attention, 14/2 heads, hs 64, KV of {rows[0]['layers']} layer(s) in turn\n"
+                 f"{meta['machine']}, {meta['threads']} threads", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "attention_keep_ratio.png", dpi=110)
