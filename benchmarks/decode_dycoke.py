@@ -4,10 +4,12 @@ oracle prompt, at batch 1 and batch 16 (issue #3, "Measure").
 Each setting runs in its own process (general plugins load once per process) on the same
 machine, one after the other (``--rounds`` repeats them interleaved; medians reported):
 offline ``LLM``, in-process engine, fp32, eager; 16-frame videos, each request its own
-video; caches off. Batch 1: decode step time = the engine's time from the first to the last
-token / (tokens - 1). Batch 16: requests' prefills and decodes interleave (chunked prefill),
-so no clean per-step time exists offline; reported: tokens/s end to end (all generated
-tokens / the batch's wall time, prefill included). The oracle prompt is vanilla vLLM given a video with about as
+video; caches off; 2 GiB of KV (16 vanilla requests fit at once). Batch 1: decode step time = the engine's time from the first to the last
+token / (tokens - 1). Batch 16: requests' prefills and decodes interleave (chunked prefill);
+the decode step time is the median over the engine steps in which all 16 requests decode
+together (``step_probe.py`` times each step from one ``schedule`` call to the next), so
+``--tokens`` must outlast the batch's prefills; also reported: tokens/s end to end (all
+generated tokens / the batch's wall time, prefill included). The oracle prompt is vanilla vLLM given a video with about as
 many visual tokens as the setting attends to (DyCoke: 1480 in the first L=3 layers, 444 in
 the other 21 -> ~573 -> 3 frames; TTM: 1480 -> 8 frames).
 
@@ -28,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_ttm import RESULTS, _version, machine  # noqa: E402
 
+BENCH = Path(__file__).resolve().parent
+
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
 SETTINGS = {  # name -> (additional_config, plugins loaded, frames)
@@ -46,7 +50,12 @@ def measure(model, name, batch, tokens, seed0):
     warmup = [dict(frames=frames, seed=seed0 - 1, max_tokens=4)]
     t0 = time.perf_counter()
     result = run_offline(model, requests, config, plugins=plugins, batch=True, warmup=warmup, timeout=3600,
-                         llm_kwargs={"max_num_seqs": max(batch, 1), "max_model_len": 4096})
+                         llm_kwargs={"max_num_seqs": max(batch, 1), "max_model_len": 4096,
+                                     # batch > 1: two videos' prefill per step, so the prefills end early
+                                     **({"max_num_batched_tokens": 8192} if batch > 1 else {})},
+                         preload=["step_probe"],
+                         # 2 GiB of KV: 16 vanilla 16-frame requests (3,240 tokens each) fit at once
+                         env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
     outs = result["outputs"]
     wall = max(o["seconds"] for o in outs)
     row = dict(setting=name, batch=batch, frames=frames, prompt_tokens=outs[0]["num_prompt_tokens"],
@@ -54,6 +63,13 @@ def measure(model, name, batch, tokens, seed0):
                process_s=round(time.perf_counter() - t0, 1))
     if batch == 1:  # a lone request: every engine step after its first token is a decode step
         row["decode_step_ms"] = round(1000 * outs[0]["decode_s"] / (tokens - 1), 2)
+    else:  # the steps in which all the batch's requests decode together (step_probe.py)
+        full = [s for n, s in result["reports"]["step_probe"]["decode_steps"] if n == batch]
+        row["decode_steps_measured"] = len(full)
+        if full:
+            row["decode_step_ms"] = round(1000 * statistics.median(full), 2)
+        else:
+            print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
 
 
@@ -92,14 +108,13 @@ def main(argv=None) -> None:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), model=args.model, tokens=args.tokens,
                 vllm=_version("vllm"), torch=_version("torch"), mode="offline LLM, in-process engine, eager, fp32")
     path = RESULTS / "decode_dycoke.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        w = csv.DictWriter(f, fieldnames=[*meta, *fields], extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r})
+    old = list(csv.DictReader(open(path))) if path.exists() else []
+    fields = list(dict.fromkeys([*meta, *(k for r in [*old, *rows] for k in r)]))
+    with open(path, "w", newline="") as f:  # rewritten whole: later runs may add columns
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(old)
+        w.writerows({**meta, **r} for r in rows)
     # the JSON keeps the latest row of each (batch, setting): runs of other batches are kept
     path_json = RESULTS / "decode_dycoke.json"
     kept = json.loads(path_json.read_text())["rows"] if path_json.exists() else []
