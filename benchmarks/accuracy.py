@@ -20,22 +20,19 @@ visual tokens kept) and accuracy_latest.md (the table the README quotes).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.config import parse_config  # noqa: E402
 from vllm_tokenzoom.testing import videoqa  # noqa: E402
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
 TOKENS_PER_FRAME = 196
-FIELDS = ["date", "machine", "vllm", "torch", "model", "task", "clips", "questions", "setting", "method", "config",
-          "prefill_kept", "decode_attended", "accuracy", "per_kind", "seconds"]
 
 
 def ttm(k):
@@ -128,19 +125,7 @@ def main(argv=None) -> None:
 
 def save(rows) -> None:
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "accuracy.csv"
-    new = not path.exists()
-    old = [] if new else list(csv.DictReader(path.open()))
-    if old and list(old[0]) != FIELDS:  # the task column came with task v2: earlier rows were v1
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows({"task": "videoqa v1", **row} for row in old)
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(RESULTS / "accuracy.csv", {}, rows, defaults={"task": "videoqa v1"})  # rows before the task column
     m = rows[0]
     lines = [f"Accuracy on the video-QA test split ({m['clips']} clips, {m['questions']} questions, exact match), "
              f"{m['model']} ({m['task']}), vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",

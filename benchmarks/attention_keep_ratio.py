@@ -24,7 +24,7 @@ Writes benchmarks/results/attention_keep_ratio.{csv,png} (rows appended to the C
 from __future__ import annotations
 
 import argparse
-import csv
+import itertools
 import os
 import statistics
 import sys
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.ops import paged_attention_ref as ref  # noqa: E402
 
@@ -105,12 +105,8 @@ def interleaved(fns: dict, iters: int, rounds: int = 9) -> dict:
 
 def rotate(calls: list):
     """One callable that runs ``calls`` in turn (a layer after another)."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(calls)
-        calls[state["i"]]()
-    return call
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
 
 
 def keep_mask(seq_len: int, ratio: float, pattern: str = "random") -> torch.Tensor:
@@ -194,20 +190,8 @@ def save(rows) -> None:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"), torch=_version("torch"),
                 threads=torch.get_num_threads())
     path = RESULTS / "attention_keep_ratio.csv"
-    fields = [*meta, *rows[0]]
-    old = list(csv.DictReader(open(path))) if path.exists() else []
-    if old and list(old[0]) != fields:  # columns added since: rewrite, earlier rows were batch 1 with mass
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            for row in old:
-                w.writerow({"batch": 1, "mass": True, "pattern": "random", "ratio_range": "", "layers": 1, **row})
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if not old:
-            w.writeheader()
-        for row in rows:
-            w.writerow({**meta, **row})
+    # rows from before a column existed were batch 1, with the mass, random keep, one layer's cache
+    append_csv(path, meta, rows, defaults={"batch": 1, "mass": True, "pattern": "random", "ratio_range": "", "layers": 1})
     import matplotlib
 
     matplotlib.use("Agg")

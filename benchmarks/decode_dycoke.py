@@ -20,7 +20,6 @@ Writes benchmarks/results/decode_dycoke.{csv,json}.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 
@@ -108,13 +107,7 @@ def main(argv=None) -> None:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), model=args.model, tokens=args.tokens,
                 vllm=_version("vllm"), torch=_version("torch"), mode="offline LLM, in-process engine, eager, fp32")
     path = RESULTS / "decode_dycoke.csv"
-    old = list(csv.DictReader(open(path))) if path.exists() else []
-    fields = list(dict.fromkeys([*meta, *(k for r in [*old, *rows] for k in r)]))
-    with open(path, "w", newline="") as f:  # rewritten whole: later runs may add columns
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(old)
-        w.writerows({**meta, **r} for r in rows)
+    append_csv(path, meta, rows)
     # the JSON keeps the latest row of each (batch, setting): runs of other batches are kept
     path_json = RESULTS / "decode_dycoke.json"
     kept = json.loads(path_json.read_text())["rows"] if path_json.exists() else []

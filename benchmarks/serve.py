@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import NAMES, append_csv, markdown, settings  # noqa: E402
-from ttft_ttm import RESULTS, _version, machine  # noqa: E402
+from speed import NAMES, markdown, settings  # noqa: E402
+from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.testing.server import CPU_ENV, cpu_serve_args, vllm_server  # noqa: E402
 

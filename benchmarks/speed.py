@@ -30,7 +30,6 @@ Appends rows to benchmarks/results/speed.csv; writes speed.json, speed.png and s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from ttft_ttm import PER_FRAME, RESULTS, _version, machine  # noqa: E402
+from ttft_ttm import PER_FRAME, RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.testing.offline import ENV, run_offline  # noqa: E402
 
@@ -99,17 +98,6 @@ def measure(args, name: str, setting: dict, progress) -> dict:
                max_concurrent_computed=probe["num_blocks"] // row["peak_kv_blocks_measured"],
                preemptions=probe["preemptions"])
     return row
-
-
-def append_csv(path: Path, meta: dict, rows: list[dict]) -> None:
-    """Append rows (meta columns first); a new file gets a header."""
-    fields = list(dict.fromkeys([*meta, *(k for r in rows for k in r)]))
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows({**meta, **r} for r in rows)
 
 
 def markdown(rows: list[dict], columns: dict[str, str], meta: dict) -> str:

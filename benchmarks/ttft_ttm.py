@@ -101,6 +101,22 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
+def append_csv(path: Path, meta: dict, rows: list[dict], defaults: dict | None = None) -> None:
+    """Append rows (meta columns first) to a results CSV. When they bring columns the file
+    lacks, the file is rewritten with the union of columns, its earlier rows taking
+    ``defaults`` (else empty) in the new ones, so no row ever sits under another's header."""
+    new = [{**meta, **r} for r in rows]
+    old = list(csv.DictReader(path.open())) if path.exists() else []
+    header = next(csv.reader(path.open()), []) if path.exists() else []
+    fields = list(dict.fromkeys([*header, *(k for r in new for k in r)]))
+    with open(path, "a" if fields == header else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if fields != header:
+            w.writeheader()
+            w.writerows({**(defaults or {}), **r} for r in old)
+        w.writerows(new)
+
+
 def save(rows, vanilla, meta) -> None:
     RESULTS.mkdir(exist_ok=True)
     csv_path = RESULTS / "ttft_ttm.csv"

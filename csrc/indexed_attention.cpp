@@ -333,10 +333,9 @@ void attend(const float* q, const T* k_region, const T* v_region, const int64_t*
     float* lg = logits + g * n;
     const float max_logit = scale_bias_max(lg, n, scale, bias);
     const float inv = 1.f / exp_sum_inplace(lg, n, max_logit);  // a bias of -inf (m = 0) gives 0
-    float* pg = probs ? probs + g * n : lg;  // normalised: the same rounding as the reference's softmax
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) pg[j] = lg[j] * inv;
-    if (probs) std::memcpy(lg, pg, n * sizeof(float));
+    for (int64_t j = 0; j < n; ++j) lg[j] *= inv;  // normalised: the same rounding as the reference's softmax
+    if (probs) std::memcpy(probs + g * n, lg, n * sizeof(float));
   }
   if (fast_v) {
 #ifdef TZ_AVX512

@@ -92,7 +92,8 @@ def _flashes(rng: np.random.Generator, num_frames: int) -> tuple[Flash, ...]:
     flashes = []
     for frame, colour in zip(frames, colours):
         left = rng.random() < 0.5
-        col = int(rng.integers(0, 5) if left else rng.integers(GRID // 2 + 1, GRID - 1))  # a cell clear of the middle
+        # 2x2 cells clear of the middle: columns 0-5 on the left, 8-13 on the right
+        col = int(rng.integers(0, GRID // 2 - 2) if left else rng.integers(GRID // 2 + 1, GRID - 1))
         row = int(rng.integers(0, GRID - 1))
         flashes.append(Flash(frame=int(frame), colour=colour, row=row, col=col))
     return tuple(flashes)
