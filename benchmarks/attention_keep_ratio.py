@@ -14,6 +14,11 @@ attention at keep ratio r costs at most (r + 0.1) x dense.
 each reads its KV from memory as in a real decode step, not from a CPU cache left hot by the
 previous call (the default, ``--layers 1``, measures that hot case).
 
+"cpp+copy": the same kernel given a token-major copy of every position's K (``ops.KeyCopy``,
+what a dycoke request keeps of its visual tokens for the pruned layers on CPU), made once per
+request and layer before the timing; the time to make the copies is the "copy build" row
+(one-off per request, relative to one dense call over all the layers' caches in turn).
+
 Batch 16: 16 requests (each its own kept subset) in one call of each kernel. "mass": the
 per-token scores are computed too (only scoring layers ask for them). Configurations are
 timed interleaved, in rounds; ratio_to_dense is the median of the per-round ratios and
@@ -138,7 +143,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.iters, args.seq_lens = 45, "1536"
     os.environ["TOKENZOOM_KERNELS"] = "cpp"  # the "cpp" rows: the C++ kernel, never a fallback
-    from vllm_tokenzoom.ops import indexed_decode_batch, indexed_paged_attention
+    from vllm_tokenzoom.ops import copy_keys, indexed_decode_batch, indexed_paged_attention, rows_of
     from vllm_tokenzoom.v1.attention.backends.cpu_kv_layout import kv_offsets
 
     rows = []
@@ -152,26 +157,39 @@ def main(argv=None) -> None:
             regions = [cache.view(cache.shape[0], HKV, 2, BLOCK * HS) for cache, *_ in layers]
             fns = {"dense": rotate([dense_call(seq_len, k, v, table, isa, query, torch.empty(batch, HQ * HS))
                                     for _, k, v, table, _ in layers])}
-            for ratio, pattern in [(r, p) for r in RATIOS for p in PATTERNS if r < 1 or p == "random"]:
+            t0 = time.perf_counter()
+            row_of = rows_of(torch.arange(seq_len))  # one per request, shared by its layers' copies
+            copies = [[copy_keys(reg[:, :, 0], k_off, table[b], torch.arange(seq_len), row_of) for b in range(batch)]
+                      for reg, (*_, table, _) in zip(regions, layers)]
+            build_s = time.perf_counter() - t0
+            for ratio, pattern, kernel in [(r, p, k) for r in RATIOS for p in PATTERNS for k in ("cpp", "cpp+copy")
+                                           if (r < 1 or p == "random") and (k == "cpp" or p == "random")]:
                 ms = [keep_mask(seq_len, ratio, pattern) for _ in range(batch)]
                 for mass in (True, False):  # the scores are asked for at scoring layers only
                     calls = []
-                    for reg, (*_, table, _) in zip(regions, layers):
+                    for reg, (*_, table, _), cps in zip(regions, layers, copies):
                         kr, vr = reg[:, :, 0], reg[:, :, 1]
+                        cps = cps if kernel == "cpp+copy" else [None] * batch
                         if batch == 1:
-                            calls.append(lambda m=ms[0], mass=mass, kr=kr, vr=vr, t=table: indexed_paged_attention(
-                                query, kr, vr, k_off, v_off, t[0], seq_len, m, HS ** -0.5, want_mass=mass, out=out))
+                            calls.append(lambda m=ms[0], mass=mass, kr=kr, vr=vr, t=table, c=cps[0]: indexed_paged_attention(
+                                query, kr, vr, k_off, v_off, t[0], seq_len, m, HS ** -0.5, want_mass=mass, out=out,
+                                key_copy=c))
                         else:
-                            calls.append(lambda ms=ms, mass=mass, kr=kr, vr=vr, t=table: indexed_decode_batch(
+                            calls.append(lambda ms=ms, mass=mass, kr=kr, vr=vr, t=table, c=cps: indexed_decode_batch(
                                 query, kr, vr, k_off, v_off, t, [seq_len] * batch, ms, HS ** -0.5, want_mass=mass,
-                                out=out))
-                    fns[("cpp", ratio, pattern, mass)] = rotate(calls)
+                                out=out, key_copies=c))
+                    fns[(kernel, ratio, pattern, mass)] = rotate(calls)
                 if batch == 1 and pattern == "random" and not args.no_torch:
                     reg, table = regions[0], layers[0][3]
                     fns[("torch", ratio, pattern, True)] = (lambda m=ms[0]: ref.indexed_paged_attention(
                         query, reg[:, :, 0], reg[:, :, 1], k_off, v_off, table[0], seq_len, m, HS ** -0.5))
             times = interleaved(fns, args.iters)
             dense = statistics.median(times["dense"])
+            build = build_s / args.layers  # per layer's cache, like the other rows
+            rows.append(dict(seq_len=seq_len, layers=args.layers, keep_ratio=1.0, kernel="copy build", dense_us=round(dense * 1e6, 1),
+                             indexed_us=round(build * 1e6, 1), ratio_to_dense=round(build / dense, 3), goal="",
+                             meets_goal="", batch=batch, mass=False, pattern="all", ratio_range=""))
+            print(rows[-1], flush=True)
             for key, samples in times.items():
                 if key == "dense":
                     continue
@@ -198,17 +216,16 @@ def save(rows) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    # one line per (seq_len, batch, pattern), without the mass (with it: the CSV); the torch
-    # reference (15-190 x dense) is off the scale
-    series = sorted({(r["seq_len"], r["batch"], r["pattern"]) for r in rows if r["kernel"] == "cpp" and not r["mass"]})
-    for (seq_len, batch, pattern) in series:
-        pts = [r for r in rows if r["kernel"] == "cpp" and not r["mass"] and (r["seq_len"], r["batch"], r["pattern"]) ==
-               (seq_len, batch, pattern)]
-        pts = sorted(pts + [r for r in rows if r["kernel"] == "cpp" and not r["mass"] and r["keep_ratio"] == 1.0
-                            and (r["seq_len"], r["batch"]) == (seq_len, batch) and pattern != "random"],
+    # one line per (kernel, seq_len, batch, pattern), without the mass (with it: the CSV); the
+    # torch reference (15-190 x dense) is off the scale; the aligned runs share r = 1.0 with random
+    timed = [r for r in rows if r["kernel"] in ("cpp", "cpp+copy") and not r["mass"]]
+    for kernel, seq_len, batch, pattern in sorted({(r["kernel"], r["seq_len"], r["batch"], r["pattern"]) for r in timed}):
+        pts = sorted((r for r in timed if (r["kernel"], r["seq_len"], r["batch"]) == (kernel, seq_len, batch)
+                      and (r["pattern"] == pattern or (r["keep_ratio"] == 1.0 and pattern != "random"))),
                      key=lambda r: r["keep_ratio"])
         ax.plot([r["keep_ratio"] for r in pts], [r["ratio_to_dense"] for r in pts],
-                "o-" if pattern == "random" else "s--", label=f"cpp, {seq_len} tokens, batch {batch}, {pattern}")
+                ("o-" if pattern == "random" else "s--") if kernel == "cpp" else "^-",
+                label=f"{kernel}, {seq_len} tokens, batch {batch}, {pattern}")
     ax.plot(RATIOS, [r + 0.1 for r in RATIOS], "k--", label="goal: r + 0.1")
     ax.set_xlabel("keep ratio r")
     ax.set_ylabel("indexed time / dense (vLLM CPU kernel)")

@@ -14,6 +14,12 @@
 // load. The AVX-512 path (built with -march=native on such a machine) reads K of dense
 // 16-slot windows whole and the other kept keys one by one (see qk_fast), V of kept keys only;
 // mass = mean over heads of the probabilities, summed in head order like the reference.
+//
+// Key copy (optional, per request): an exact token-major copy of K for some of the keys,
+// [num_kv_heads, rows, head_size]; key j with copy row c >= 0 reads its K there (one
+// contiguous row) instead of from the paged region. vLLM's transposed CPU K puts 16 slots
+// in a cache line per head dim, so a scattered keep set reads nearly every line; through
+// the copy it reads only its own rows (DESIGN.md §4.3, "key copy").
 // Torch reference: vllm_tokenzoom/ops/paged_attention_ref.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -109,10 +115,12 @@ inline float scale_bias_max(float* x, int64_t n, float scale, const float* bias)
 
 // Per work item: key j of the request is slot[j] of the block at element offset base[j]
 // (= physical block * block_stride + kv_head * head_stride) in the regions.
+// crow[j] >= 0: key j's K is row crow[j] of the key copy (crow null: no copy).
 struct Keys {
   const int32_t* slot;
   const int64_t* base;
   int64_t n;
+  const int32_t* crow;
 };
 
 // ---- generic path: any layout, any ISA ----------------------------------------------------
@@ -120,15 +128,16 @@ struct Keys {
 // logits[g * n + j] = q_g . k_j for the `group` query heads starting at q ([group, hs]).
 template <typename T>
 void qk_generic(const float* q, int64_t group, const T* k_region, const int64_t* k_off, int64_t k_layout,
-                const Keys& keys, const Shape& s, float* logits) {
+                const T* copy, const Keys& keys, const Shape& s, float* logits) {
   const int64_t hs = s.head_size, B = s.block_size, n = keys.n;
   for (int64_t j = 0; j < n; ++j) {
-    const T* base = k_region + keys.base[j];
-    const int64_t t = keys.slot[j];
+    const bool copied = keys.crow && keys.crow[j] >= 0;
+    const T* base = copied ? copy + int64_t(keys.crow[j]) * hs : k_region + keys.base[j];
+    const int64_t t = copied ? 0 : keys.slot[j];
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * hs;
       float dot = 0.f;
-      if (k_layout == kPlain) {
+      if (copied || k_layout == kPlain) {
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < hs; ++d) dot += qg[d] * static_cast<float>(base[t * hs + d]);
       } else if (k_layout == kTransposed) {
@@ -191,6 +200,16 @@ inline __m512 load16(const c10::Half* x, __mmask16 m) { return _mm512_cvtph_ps(_
 //   one broadcast K element per FMA.
 constexpr int kDenseWindow = 5;
 
+// Scattered keys are read from memory at random: their rows are prefetched this many keys
+// ahead (a key's K row in the copy, its V row), so the loads overlap instead of queueing.
+constexpr int64_t kPrefetch = 16;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t hs) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < hs * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 // out[g * ld + i] = q_g . k_(t0 + i) for the 16 slots of a window (K element (t0 + i, d) at
 // col[d * B + i]).
 template <int HT, typename T>
@@ -204,8 +223,8 @@ inline void qk_window(const float* q, int64_t hs, const T* col, int64_t B, float
   for (int g = 0; g < HT; ++g) _mm512_storeu_ps(out + g * ld, acc[g]);
 }
 
-// logits[g * n + j] = q_g . k_j for the cnt <= 8 keys j = idx[i], K element (t, d) of key j at
-// col[i][d * B]; qt [hs, 8].
+// logits[g * n + j] = q_g . k_j for the cnt <= 8 keys j = idx[i], K element d of key j at
+// col[i][d * B] (B: the stride between a key's dims; 1 in the key copy); qt [hs, 8].
 template <int HT, typename T>
 inline void qk_keys8(const float* qt, int64_t hs, const T* const* col, int cnt, int64_t B, const int64_t* idx,
                      int64_t n, float* logits) {
@@ -225,20 +244,34 @@ inline void qk_keys8(const float* qt, int64_t hs, const T* const* col, int cnt, 
 
 // Logits of HT query heads over every key.
 template <int HT, typename T>
-void qk_fast(const float* q, const T* k_region, const Keys& keys, const Shape& s, float* logits) {
+void qk_fast(const float* q, const T* k_region, const T* copy, const Keys& keys, const Shape& s, float* logits) {
   const int64_t n = keys.n, hs = s.head_size, B = s.block_size;
   std::vector<float> qt(hs * 8, 0.f);  // [hs, 8]
   for (int g = 0; g < HT; ++g)
     for (int64_t d = 0; d < hs; ++d) qt[d * 8 + g] = q[g * hs + d];
   alignas(64) float tmp[HT * 16];
-  const T* col[8];
+  const T* col[8];  // pending keys of the paged region (dims B apart)
   int64_t idx[8];
   int cnt = 0;
+  const T* ccol[8];  // pending keys of the key copy (dims adjacent)
+  int64_t cidx[8];
+  int ccnt = 0;
+  auto copied = [&](int64_t j) { return keys.crow && keys.crow[j] >= 0; };
   int64_t j0 = 0;
   while (j0 < n) {  // keys are ascending: window by window (16 slots of one block)
+    if (copied(j0)) {
+      if (j0 + kPrefetch < n && copied(j0 + kPrefetch)) prefetch_row(copy + int64_t(keys.crow[j0 + kPrefetch]) * hs, hs);
+      ccol[ccnt] = copy + int64_t(keys.crow[j0]) * hs;
+      cidx[ccnt++] = j0++;
+      if (ccnt == 8) {
+        qk_keys8<HT>(qt.data(), hs, ccol, ccnt, 1, cidx, n, logits);
+        ccnt = 0;
+      }
+      continue;
+    }
     const int64_t w = keys.slot[j0] / 16;
     int64_t j1 = j0 + 1;
-    while (j1 < n && keys.base[j1] == keys.base[j0] && keys.slot[j1] / 16 == w) ++j1;
+    while (j1 < n && !copied(j1) && keys.base[j1] == keys.base[j0] && keys.slot[j1] / 16 == w) ++j1;
     const T* block = k_region + keys.base[j0];
     if (j1 - j0 == 16) {  // every slot of the window kept: straight into the logits
       qk_window<HT>(q, hs, block + w * 16, B, logits + j0, n);
@@ -262,6 +295,10 @@ void qk_fast(const float* q, const T* k_region, const Keys& keys, const Shape& s
     for (int i = cnt; i < 8; ++i) col[i] = col[0];  // padding lanes: computed, not stored
     qk_keys8<HT>(qt.data(), hs, col, cnt, B, idx, n, logits);
   }
+  if (ccnt) {
+    for (int i = ccnt; i < 8; ++i) ccol[i] = ccol[0];
+    qk_keys8<HT>(qt.data(), hs, ccol, ccnt, 1, cidx, n, logits);
+  }
 }
 
 // o[g * hs + d] = sum_j p[g * n + j] * v_j[d] (g < HT), V plain: 32 (or 16) dims at a time
@@ -274,6 +311,7 @@ void pv_fast(const float* p, const T* v_region, const Keys& keys, const Shape& s
     __m512 acc[HT][2];
     for (int g = 0; g < HT; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
+      if (d0 == 0 && j + kPrefetch < n) prefetch_row(v_region + keys.base[j + kPrefetch] + keys.slot[j + kPrefetch] * hs, hs);
       const T* row = v_region + keys.base[j] + keys.slot[j] * hs + d0;
       const __m512 v0 = load16(row, 0xFFFF);
       const __m512 v1 = two ? load16(row + 16, 0xFFFF) : _mm512_setzero_ps();
@@ -310,7 +348,7 @@ constexpr int64_t kTile = 8;  // query heads handled in one pass of the fast pat
 // the probabilities of the group's heads, probs [group, n]. logits: scratch [group, n].
 template <typename T>
 void attend(const float* q, const T* k_region, const T* v_region, const int64_t* k_off, const int64_t* v_off,
-            int64_t k_layout, int64_t v_layout, const Keys& keys, const float* bias, const Shape& s, float scale,
+            int64_t k_layout, int64_t v_layout, const T* copy, const Keys& keys, const float* bias, const Shape& s, float scale,
             float* logits, float* o, float* probs) {
   const int64_t n = keys.n, hs = s.head_size, G = s.group;
   bool fast_k = false, fast_v = false;
@@ -321,13 +359,13 @@ void attend(const float* q, const T* k_region, const T* v_region, const int64_t*
   if (fast_k) {
 #ifdef TZ_AVX512
     for (int64_t g0 = 0; g0 < G; g0 += kTile) {
-#define TZ_QK(HT) qk_fast<HT>(q + g0 * hs, k_region, keys, s, logits + g0 * n)
+#define TZ_QK(HT) qk_fast<HT>(q + g0 * hs, k_region, copy, keys, s, logits + g0 * n)
       TZ_WITH_TILE(std::min(kTile, G - g0), TZ_QK)
 #undef TZ_QK
     }
 #endif
   } else {
-    qk_generic(q, G, k_region, k_off, k_layout, keys, s, logits);
+    qk_generic(q, G, k_region, k_off, k_layout, copy, keys, s, logits);
   }
   for (int64_t g = 0; g < G; ++g) {  // softmax per query head
     float* lg = logits + g * n;
@@ -353,14 +391,17 @@ void attend(const float* q, const T* k_region, const T* v_region, const int64_t*
 // query [R, Hq, hs]; k_region, v_region [nb, Hkv, B*hs] (views of the cache, read in place);
 // k_offsets, v_offsets [B, hs] int64 with their layouts (0 generic, 1 plain, 2 transposed;
 // V: 0 or 1); block_table [R, max_blocks] (or [max_blocks] when R = 1), int32 read in place; keys: R tensors [n_r] int32, ascending;
-// bias: R tensors [n_r] float32 (or empty: no bias); out [R, Hq, hs] (any float dtype) is
-// written. -> R tensors mass [1, n_r] f32 (head-averaged probabilities) if want_mass, else none.
+// bias: R tensors [n_r] float32 (or empty: no bias); key_copies: R tensors [Hkv, rows_r, hs] of
+// the regions' dtype, contiguous, and copy_rows: R tensors [n_r] int32 (-1: read the region),
+// or empty (no copy); out [R, Hq, hs] (any float dtype) is written. -> R tensors mass [1, n_r] f32 (head-averaged probabilities) if want_mass, else none.
 std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::Tensor k_region,
                                                     torch::Tensor v_region, torch::Tensor k_offsets,
                                                     torch::Tensor v_offsets, int64_t k_layout, int64_t v_layout,
                                                     torch::Tensor block_table, std::vector<torch::Tensor> keys,
-                                                    std::vector<torch::Tensor> bias, double scale, torch::Tensor out,
-                                                    bool want_mass) {
+                                                    std::vector<torch::Tensor> bias,
+                                                    std::vector<torch::Tensor> key_copies,
+                                                    std::vector<torch::Tensor> copy_rows, double scale,
+                                                    torch::Tensor out, bool want_mass) {
   TORCH_CHECK(query.dim() == 3, "query must be [R, num_q_heads, head_size]");
   TORCH_CHECK(k_region.dim() == 3 && v_region.sizes() == k_region.sizes(), "regions must be [nb, Hkv, B*hs]");
   TORCH_CHECK(k_offsets.dim() == 2 && v_offsets.sizes() == k_offsets.sizes(), "offsets must be [B, hs]");
@@ -368,7 +409,8 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
   const int64_t R = query.size(0);
   if (block_table.dim() == 1) block_table = block_table.unsqueeze(0);  // one request: its row
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == R, "block_table must be [R, max_blocks]");
-  TORCH_CHECK(int64_t(keys.size()) == R && int64_t(bias.size()) == R, "one key list and one bias per request");
+  TORCH_CHECK(int64_t(keys.size()) == R && int64_t(bias.size()) == R && int64_t(key_copies.size()) == R &&
+              int64_t(copy_rows.size()) == R, "one key list, bias, key copy and copy-row list per request");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must be shaped like query");
   Shape s;
   s.num_q_heads = query.size(1);
@@ -387,6 +429,15 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
                 "keys must be non-empty contiguous int32");
     TORCH_CHECK(bias[r].numel() == 0 || (bias[r].numel() == keys[r].numel() && bias[r].scalar_type() == torch::kFloat32
                                          && bias[r].is_contiguous()), "bias must be f32 with one entry per key");
+    if (copy_rows[r].numel() == 0) continue;
+    const auto& c = key_copies[r];
+    TORCH_CHECK(c.dim() == 3 && c.size(0) == s.num_kv_heads && c.size(2) == s.head_size && c.is_contiguous()
+                && c.scalar_type() == k_region.scalar_type(), "key copy must be a contiguous [Hkv, rows, hs] of the cache's dtype");
+    TORCH_CHECK(copy_rows[r].scalar_type() == torch::kInt32 && copy_rows[r].is_contiguous()
+                && copy_rows[r].numel() == keys[r].numel(), "copy_rows must be int32 with one entry per key");
+    const int32_t* cr = copy_rows[r].data_ptr<int32_t>();
+    for (int64_t j = 0; j < keys[r].numel(); ++j)
+      TORCH_CHECK(cr[j] < c.size(1), "copy row ", cr[j], " is outside the key copy (", c.size(1), " rows)");
   }
   auto q = query.to(torch::kFloat32).contiguous();
   auto table = block_table.to(torch::kInt32).contiguous();
@@ -431,9 +482,12 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
             base[j] = row[pos[j] / B] * s.block_stride + head_off;
           }
         }
-        const Keys ks{slot.data(), base.data(), n};
+        const bool has_copy = copy_rows[r].numel() > 0;
+        const Keys ks{slot.data(), base.data(), n, has_copy ? copy_rows[r].data_ptr<int32_t>() : nullptr};
+        const scalar_t* copy =
+            has_copy ? key_copies[r].data_ptr<scalar_t>() + h * key_copies[r].size(1) * hs : nullptr;
         attend<scalar_t>(q.data_ptr<float>() + (r * s.num_q_heads + h * G) * hs, kr, vr, ko, vo, k_layout, v_layout,
-                         ks, bias[r].numel() ? bias[r].data_ptr<float>() : nullptr, s, static_cast<float>(scale),
+                         copy, ks, bias[r].numel() ? bias[r].data_ptr<float>() : nullptr, s, static_cast<float>(scale),
                          logits.data(), o.data_ptr<float>() + (r * s.num_q_heads + h * G) * hs,
                          want_mass ? probs[r].data_ptr<float>() + h * G * n : nullptr);
       }

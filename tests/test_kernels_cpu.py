@@ -103,3 +103,68 @@ def test_cpp_single_call_without_mass_writes_out(monkeypatch):
     got, mass, keys = indexed_paged_attention(query, *regions, 200, m, 0.125, want_mass=False, out=out)
     assert got is out and mass is None
     torch.testing.assert_close(out, ref.indexed_paged_attention(query, *regions, 200, m, 0.125)[0], rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seq_len=st.integers(1, 300), head_size=st.sampled_from([32, 64]), block_size=st.sampled_from([16, 128]),
+       heads=st.sampled_from([(14, 2), (4, 2)]), layout=st.sampled_from(["plain", "packed"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), keep=st.floats(0.0, 1.0), copied=st.floats(0.0, 1.0),
+       seed=st.integers(0, 999))
+def test_cpp_kernel_reads_copied_keys_from_the_key_copy(seq_len, head_size, block_size, heads, layout, dtype, keep,
+                                                        copied, seed):
+    """Keys with a row in the KeyCopy are read there, the rest from the cache: the kernel over
+    cache K with a copy made from K' equals the reference over a cache holding K' at the
+    copied positions (K' != K, so reading the wrong one fails)."""
+    from vllm_tokenzoom.ops import copy_keys
+
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    k, k2, v = (torch.randn(seq_len, hkv, head_size, generator=gen) for _ in range(3))
+    where = (torch.rand(seq_len, generator=gen) < copied).nonzero().squeeze(1)  # copied positions, ascending
+    k_mixed = k.clone()
+    k_mixed[where] = k2[where]
+    regions = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k, v, block_size, layout, seed))]
+    mixed = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k_mixed, v, block_size, layout, seed))]
+    k2_regions = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k2, v, block_size, layout, seed))]
+    key_copy = copy_keys(k2_regions[0], k2_regions[2], k2_regions[4], where)
+    assert torch.equal(key_copy.keys, k2[where].to(dtype).transpose(0, 1))  # an exact copy, [Hkv, rows, hs]
+    query = torch.randn(1, hq, head_size, generator=gen)
+    m = (torch.rand(seq_len, generator=gen) < keep).float() * torch.randint(1, 3, (seq_len,), generator=gen)
+    m[-1] = 1.0
+    out, mass, keys = indexed_paged_attention(query, *regions, seq_len, m, 0.17, key_copy=key_copy)
+    out_ref, mass_ref, keys_ref = ref.indexed_paged_attention(query, *mixed, seq_len, m, 0.17)
+    assert torch.equal(keys, keys_ref)
+    torch.testing.assert_close(out, out_ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(mass, mass_ref, rtol=2e-5, atol=1e-6)
+
+
+def test_cpp_batch_mixes_requests_with_and_without_a_key_copy():
+    from vllm_tokenzoom.ops import copy_keys, indexed_decode_batch
+
+    gen = torch.Generator().manual_seed(9)
+    block_size, hs, seq_len = 128, 64, 400
+    k, v = torch.randn(seq_len, 2, hs, generator=gen), torch.randn(seq_len, 2, hs, generator=gen)
+    k_region, v_region, k_off, v_off, row = paged_cache(k, v, block_size, "packed", 2)
+    visual = torch.arange(20, 380)  # a video's positions: copied for request 0 only
+    key_copy = copy_keys(k_region, k_off, row, visual)
+    m = (torch.rand(seq_len, generator=gen) < 0.3).float()
+    m[:20], m[380:] = 1.0, 1.0
+    query = torch.randn(2, 14, hs, generator=gen)
+    table = torch.stack([row, row]).to(torch.int32)
+    out, masses, _ = indexed_decode_batch(query, k_region, v_region, k_off, v_off, table, [seq_len, seq_len], [m, m],
+                                          0.125, key_copies=[key_copy, None])
+    for r in range(2):
+        o_ref, mass_ref, _ = ref.indexed_paged_attention(query[r:r + 1], k_region, v_region, k_off, v_off, row,
+                                                         seq_len, m, 0.125)
+        torch.testing.assert_close(out[r], o_ref[0], rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(masses[r], mass_ref, rtol=2e-5, atol=1e-6)
+
+
+def test_cpp_kernel_rejects_a_copy_row_outside_the_copy():
+    from vllm_tokenzoom.ops import KeyCopy
+
+    k, v = torch.randn(40, 2, 32), torch.randn(40, 2, 32)
+    regions = paged_cache(k, v, 16, "packed", 0)
+    bad = KeyCopy(torch.zeros(2, 3, 32), torch.tensor([0, 1, 7], dtype=torch.int32))  # row 7 of 3
+    with pytest.raises(RuntimeError, match="outside the key copy"):
+        indexed_paged_attention(torch.randn(1, 4, 32), *regions, 40, torch.ones(40), 0.1, key_copy=bad)

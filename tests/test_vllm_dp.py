@@ -6,6 +6,9 @@ import torch
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
 from vllm_tokenzoom.testing.offline import load_video, run_offline
+from vllm_tokenzoom.testing.tiny_model import PRESETS
+
+TINY_LAYERS = PRESETS["tiny"]["text"]["num_hidden_layers"]
 
 DYCOKE = {"tokenzoom": {"preset": "dycoke"}}
 VIDEOS = [dict(frames=16, seed=50, max_tokens=12), dict(frames=7, seed=51, max_tokens=12),
@@ -41,14 +44,22 @@ def assert_same_as_reference(outputs, refs):
         assert got["tokens"] == ref.tokens
 
 
-@pytest.mark.parametrize("kernels", ["cpp", "torch"])
-def test_dycoke_preset_matches_reference(tiny_model, references, kernels):
-    result = run_offline(tiny_model, VIDEOS, DYCOKE, env={"TOKENZOOM_KERNELS": kernels})
+@pytest.mark.parametrize("kernels, key_copy", [("cpp", True), ("cpp", False), ("torch", True)])
+def test_dycoke_preset_matches_reference(tiny_model, references, kernels, key_copy):
+    """Also: the C++ kernel reads the pruned layers' K from the key copy (made once per request
+    and layer >= L), or from the cache with key_copy off; the other kernels never ask for one."""
+    config = {"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"key_copy": key_copy}}}}
+    result = run_offline(tiny_model, VIDEOS, config, env={"TOKENZOOM_KERNELS": kernels},
+                         preload=["tests.key_copy_hook"])
     refs = references["dycoke"]
     assert all(len(ref.dp_trace) == 11 for ref in refs)  # every decode step decided (11 after the first token)
     assert all(len(sel) == int(TTM(prune_ratio=0.7).num_kept_tokens(r["frames"], 196) * 0.3)
                for r, ref in zip(VIDEOS, refs) for _, sel in ref.dp_trace if sel is not None)
     assert_same_as_reference(result["outputs"], refs)
+    made = result["reports"]["tests.key_copy_hook"]
+    pruned = list(range(DP().layer, TINY_LAYERS))
+    assert [sorted(layers) for layers in made.values()] == ([pruned] * len(VIDEOS) if kernels == "cpp" and key_copy
+                                                            else [])
 
 
 @pytest.mark.parametrize("name, dp", [("reuse", REUSE), ("official", OFFICIAL)])
@@ -87,12 +98,18 @@ def test_chunked_prefill(tiny_model, references):
 
 
 def test_preemption_under_kv_pressure(tiny_model, references):
-    """Two 16-frame requests, KV for only one to grow: one is preempted and recomputed,
-    its decode-time views replayed per position; outputs equal the unpressured run."""
-    requests = [dict(VIDEOS[0], max_tokens=40), dict(frames=16, seed=53, max_tokens=40)]
-    kwargs = {"num_gpu_blocks_override": 25, "max_model_len": 3072}  # 2 x 12 prompt blocks of 128 fit
-    pressured = run_offline(tiny_model, requests, DYCOKE, llm_kwargs=kwargs, batch=True)["outputs"]
+    """Two 16-frame requests (12-block prompts), KV for both to decode 128 tokens, not more:
+    one is preempted mid-decode and recomputed, its decode-time views replayed per position,
+    its key copies made again from the recomputed KV; outputs equal the unpressured run."""
+    requests = [dict(VIDEOS[0], max_tokens=140), dict(frames=16, seed=53, max_tokens=140)]
+    kwargs = {"num_gpu_blocks_override": 27, "max_model_len": 3072}
+    pressured = run_offline(tiny_model, requests, DYCOKE, llm_kwargs=kwargs, batch=True,
+                            preload=["tests.key_copy_hook"])
+    made = pressured["reports"]["tests.key_copy_hook"]
+    pressured = pressured["outputs"]
     assert sum(o["num_preemptions"] for o in pressured) >= 1
+    pruned = TINY_LAYERS - DP().layer
+    assert sorted(len(layers) for layers in made.values()) == [pruned, 2 * pruned]  # the preempted one: twice
     alone = run_offline(tiny_model, requests, DYCOKE)["outputs"]
     assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]
 

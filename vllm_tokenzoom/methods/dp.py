@@ -58,12 +58,20 @@ class DP:
         re-select when cosine(this step's scores, previous step's) < threshold, in [-1, 1].
     variant : str
         ``"paper"`` (reuse the selection on stable steps) or ``"official"`` (full attention).
+    key_copy : bool
+        How the pruned layers are computed, not what they compute. On CPU, keep per
+        request a token-major copy of the visual tokens' K for layers ``>= L`` (vLLM's CPU
+        K layout is transposed, so reading a scattered 30% of it costs about as much as
+        reading all of it). Memory outside vLLM's KV pool: visual tokens x (layers - L) x
+        KV heads x head size x dtype bytes per request, about 40% of the request's KV with
+        the preset on Qwen2 models. No effect on output, nor on CUDA (token-major K).
     """
 
     layer: int = 3
     prune_ratio: float = 0.7
     threshold: float = 0.9
     variant: str = "paper"
+    key_copy: bool = True
 
     def __post_init__(self):
         if self.layer < 1:

@@ -8,11 +8,16 @@ reference (``paged_attention_ref.py``):
 - ``torch``: the reference, any number of queries with per-query views.
 ``TOKENZOOM_KERNELS`` picks one (default ``auto``: Triton for a single decode query on
 CUDA, the C++ kernel for one on CPU when built, else the reference).
+
+A :class:`KeyCopy` (an exact token-major copy of K for some positions, :func:`copy_keys`)
+lets the C++ kernel read those keys' K as contiguous rows instead of from vLLM's transposed
+CPU K; the other kernels read the cache (the same values).
 """
 from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +43,58 @@ def cpp_ops():
 
 
 _EMPTY = torch.empty(0)
+_NO_ROWS = torch.empty(0, dtype=torch.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyCopy:
+    """K of some token positions, copied out of the paged cache token-major.
+
+    keys: [Hkv, rows, hs] in the cache's dtype; row_of: [P] int32, the row of position
+    ``p < P`` in ``keys`` (-1: not copied; positions >= P are never copied)."""
+
+    keys: torch.Tensor
+    row_of: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size()
+
+
+def rows_of(positions: torch.Tensor) -> torch.Tensor:
+    """[positions[-1] + 1] int32: the row of each position in a copy of ``positions`` (-1: none)."""
+    row_of = torch.full((int(positions[-1]) + 1 if positions.numel() else 0,), -1, dtype=torch.int32)
+    row_of[positions] = torch.arange(positions.numel(), dtype=torch.int32)
+    return row_of
+
+
+def copy_keys(k_region, k_offsets, block_row, positions: torch.Tensor, row_of: torch.Tensor | None = None) -> KeyCopy:
+    """A :class:`KeyCopy` of the positions ``positions`` [rows] (ascending, all cached).
+    ``row_of``: ``rows_of(positions)``, passed to share one among the copies of a request's
+    layers (the kernels' per-step key rows are then computed once for all of them)."""
+    keys = ref.gather(k_region, k_offsets, block_row, positions).transpose(0, 1).contiguous()  # [Hkv, rows, hs]
+    return KeyCopy(keys, rows_of(positions) if row_of is None else row_of)
+
+
+_ROWS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}
+
+
+def _copy_rows(keys: torch.Tensor, multiplicity, key_copy: KeyCopy) -> torch.Tensor:
+    """[n] int32: each key's row in the copy (-1: read the cache). Remembered per
+    (multiplicity, row_of): every layer of a group reads the same keys in a step."""
+    tag = (id(multiplicity), id(key_copy.row_of))
+    entry = _ROWS.get(tag)
+    if (entry is not None and entry[0]() is multiplicity and entry[1]() is key_copy.row_of
+            and entry[2].numel() == keys.numel()):
+        return entry[2]
+    if len(_ROWS) > 1024:
+        _ROWS.clear()
+    rows = torch.full((keys.numel(),), -1, dtype=torch.int32)
+    inside = keys < key_copy.row_of.numel()
+    rows[inside] = key_copy.row_of[keys[inside]]
+    if multiplicity is not None:
+        _ROWS[tag] = (weakref.ref(multiplicity), weakref.ref(key_copy.row_of), rows)
+    return rows
 _LAYOUTS: dict[int, tuple[weakref.ref, int]] = {}  # id(offsets) -> (weak ref, code)
 
 
@@ -81,20 +138,27 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     return result
 
 
+def runs_cpp_kernel(query: torch.Tensor) -> bool:
+    """Whether a single decode query ``query`` goes to the C++ kernel (the one that reads a KeyCopy)."""
+    return not query.is_cuda and kernel_choice() in ("auto", "cpp") and cpp_ops() is not None
+
+
 def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, block_row, seq_len: int,
-                            multiplicity: torch.Tensor | None, scale: float, want_mass: bool = True, out=None):
+                            multiplicity: torch.Tensor | None, scale: float, want_mass: bool = True, out=None,
+                            key_copy: KeyCopy | None = None):
     """See :func:`paged_attention_ref.indexed_paged_attention`: (out [nq, Hq, hs], mass [nq, n], keys [n]).
     ``want_mass=False``: mass is None (the kernels skip it). ``out`` [nq, Hq, hs]: written in
-    place when given (the C++ kernel writes it directly)."""
+    place when given (the C++ kernel writes it directly). ``key_copy``: read by the C++ kernel."""
     choice = kernel_choice()
     single = query.shape[0] == 1 and (multiplicity is None or multiplicity.dim() == 1 or multiplicity.shape[0] == 1)
     use_triton = choice == "triton" or (choice == "auto" and query.is_cuda)
-    use_cpp = choice in ("auto", "cpp") and not query.is_cuda and cpp_ops() is not None
+    use_cpp = runs_cpp_kernel(query)
     if single and (use_triton or use_cpp):
         keys, bias, keys32, bias32 = _keys_and_bias(multiplicity, seq_len)  # one decode query: 1-D keys, bias
         if use_cpp:
+            rows = _NO_ROWS if key_copy is None else _copy_rows(keys, multiplicity, key_copy)
             result, mass = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_row,
-                                       [(keys32, bias32)], scale, want_mass, out)
+                                       [(keys32, bias32, key_copy, rows)], scale, want_mass, out)
             return result, (mass[0] if want_mass else None), keys
         from vllm_tokenzoom.triton_kernels.indexed_attention import indexed_decode_attention, key_mass
 
@@ -112,25 +176,29 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
 
 
 def indexed_decode_batch(query, k_region, v_region, k_offsets, v_offsets, block_table, seq_lens,
-                         multiplicities, scale: float, want_mass: bool = True, out=None):
+                         multiplicities, scale: float, want_mass: bool = True, out=None, key_copies=None):
     """R decode queries in one C++ call (CPU): query [R, Hq, hs], block_table [R, max_blocks],
-    seq_lens and multiplicities (each [seq_len] or None) one per request.
-    -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
+    seq_lens, multiplicities (each [seq_len] or None) and key_copies (each a KeyCopy or None)
+    one per request. -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
+    key_copies = key_copies or [None] * len(seq_lens)
     entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
-    result, masses = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table,
-                                 [e[2:] for e in entries], scale, want_mass, out)
+    requests = [(e[2], e[3], c, _NO_ROWS if c is None else _copy_rows(e[0], m, c))
+                for e, m, c in zip(entries, multiplicities, key_copies)]
+    result, masses = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, requests, scale,
+                                 want_mass, out)
     return result, (masses if want_mass else None), [e[0] for e in entries]
 
 
-def _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, keys_bias, scale, want_mass, out):
-    """One C++ call for R decode queries; keys_bias: (keys int32, bias f32 or empty) per request.
-    -> (out [R, Hq, hs], R masses [1, n_r] or an empty list)."""
+def _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, requests, scale, want_mass, out):
+    """One C++ call for R decode queries; requests: (keys int32, bias f32 or empty, KeyCopy or
+    None, copy rows int32 or empty) each. -> (out [R, Hq, hs], R masses [1, n_r] or an empty list)."""
     result = torch.empty_like(query) if out is None else out
     masses = cpp_ops().indexed_decode_attention(
         query, k_region, v_region, k_offsets, v_offsets, layout_code(k_offsets, transposed_ok=True),
-        layout_code(v_offsets), block_table, [k for k, _ in keys_bias], [b for _, b in keys_bias], scale, result,
+        layout_code(v_offsets), block_table, [r[0] for r in requests], [r[1] for r in requests],
+        [_EMPTY if r[2] is None else r[2].keys for r in requests], [r[3] for r in requests], scale, result,
         want_mass)
     return result, masses
 
 
-__all__ = ["indexed_paged_attention", "indexed_decode_batch", "kernel_choice", "cpp_ops"]
+__all__ = ["indexed_paged_attention", "indexed_decode_batch", "kernel_choice", "cpp_ops", "KeyCopy", "copy_keys", "rows_of", "runs_cpp_kernel"]

@@ -12,15 +12,18 @@ from __future__ import annotations
 import torch
 
 
+def gather(region: torch.Tensor, offsets: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """-> [n, Hkv, hs]: the elements of one region (K or V) at the token positions ``positions`` [n]."""
+    block_size = offsets.shape[0]
+    blocks = block_row[positions // block_size].long()  # [n]
+    within = positions % block_size  # [n]
+    return region[blocks[:, None], :, offsets[within].long()].permute(0, 2, 1)  # [n, hs, Hkv] -> [n, Hkv, hs]
+
+
 def gather_kv(k_region: torch.Tensor, v_region: torch.Tensor, k_offsets: torch.Tensor, v_offsets: torch.Tensor,
               block_row: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> K, V: [n, Hkv, hs] for the token positions ``positions`` [n]."""
-    block_size = k_offsets.shape[0]
-    blocks = block_row[positions // block_size].long()  # [n]
-    within = positions % block_size  # [n]
-    k = k_region[blocks[:, None], :, k_offsets[within].long()]  # [n, hs, Hkv]
-    v = v_region[blocks[:, None], :, v_offsets[within].long()]
-    return k.permute(0, 2, 1), v.permute(0, 2, 1)
+    return gather(k_region, k_offsets, block_row, positions), gather(v_region, v_offsets, block_row, positions)
 
 
 def biased_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_positions: torch.Tensor,

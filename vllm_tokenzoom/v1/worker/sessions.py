@@ -6,6 +6,12 @@ each step's attention metadata is built, which session each batch row belongs to
 (``current_rows``), creates sessions for new requests and drops those vLLM no longer
 holds (finished, aborted). A preempted request keeps its session: when vLLM recomputes
 it, each generated position gets back the view it had (``TokenView.at``).
+
+On CPU a session also holds, per pruned layer, a token-major copy of its visual tokens' K
+(``ops.KeyCopy``; DyCoke's ``key_copy`` setting): vLLM's CPU K layout makes a scattered keep
+set as slow to read as the whole cache, the copy makes it cost what it keeps. Made at the
+first decode step that prunes the layer, dropped with the session or when the request's
+blocks are replaced (preemption: the KV is recomputed).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from vllm_tokenzoom.kv.view import KVPlan, TokenView
 from vllm_tokenzoom.methods.dp import DP, DPState
+from vllm_tokenzoom.ops import KeyCopy, copy_keys, rows_of
 
 SESSIONS: dict[str, "RequestSession"] = {}
 _ROWS: list["RequestSession | None"] = []  # batch row -> session, this step
@@ -38,6 +45,9 @@ class RequestSession:
     prefill_score_queries: dict[int, int] = field(default_factory=dict)  # layer -> text queries summed
     # the last multiplicities handed out: every layer of a group reads the same ones in a step
     _cached: tuple = field(default=(None, None), repr=False)
+    key_copies: dict[int, KeyCopy] = field(default_factory=dict)  # layer -> K of the visual tokens
+    _row_of: torch.Tensor | None = field(default=None, repr=False)  # [P] int32, shared by the copies
+    block_ids: object = field(default=None, repr=False)  # vLLM's block ids object the copies were read from
 
     def __post_init__(self):
         self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
@@ -90,6 +100,27 @@ class RequestSession:
             [torch.ones(seq_len) if r is None else r for r in rows])
         self._cached = (key, value)
         return value
+
+    def key_copy(self, layer: int, first_query: int, k_region, k_offsets, block_row) -> KeyCopy | None:
+        """The token-major copy of the visual tokens' K at ``layer`` (made on first use), for a
+        row whose queries start at ``first_query``; None when the policy keeps no copy or the
+        row is not decoding (the prompt's K may not all be cached yet)."""
+        if not self.dp.key_copy or first_query < self.num_prompt_tokens:
+            return None
+        copy = self.key_copies.get(layer)
+        if copy is None:
+            if self._row_of is None:
+                self._row_of = rows_of(self.visual_positions)
+            copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, self.visual_positions,
+                                                      self._row_of)
+        return copy
+
+    def track_blocks(self, block_ids) -> None:
+        """vLLM replaces a request's block ids object when it resumes after preemption: its
+        KV is then recomputed into new blocks, and copies of the old one are dropped."""
+        if block_ids is not self.block_ids:
+            self.key_copies.clear()
+            self.block_ids = block_ids
 
     def decide(self, position: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
         """mass: [n] head-averaged attention of the query at ``position`` over the key
@@ -159,6 +190,8 @@ def publish_rows(req_ids: list[str], requests: dict, dp: DP | None) -> None:
             positions = video_positions(state.mm_features)
             if positions.numel():
                 session = SESSIONS[rid] = RequestSession(rid, state.num_prompt_tokens, positions, dp)
+        if session is not None:
+            session.track_blocks(requests[rid].block_ids)
         rows.append(session)
     _ROWS[:] = rows
 

@@ -18,7 +18,7 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_tokenzoom.ops import indexed_paged_attention
+from vllm_tokenzoom.ops import indexed_paged_attention, layout_code, runs_cpp_kernel
 from vllm_tokenzoom.v1.worker.sessions import current_rows
 
 
@@ -94,10 +94,15 @@ class IndexedRowsMixin:
         k_region, v_region, k_offsets, v_offsets = regions
         target = output[start:end]  # written in place by the kernel when it is contiguous
         direct = target.is_contiguous()
+        key_copy = None
+        if multiplicity is not None and num_queries == 1 and runs_cpp_kernel(query) and \
+                layout_code(k_offsets, transposed_ok=True) == 2:  # a pruned decode query over vLLM's CPU K
+            key_copy = session.key_copy(layer_index, seq_len - 1, k_region, k_offsets, md.block_table[row])
         out, mass, keys = indexed_paged_attention(query[start:end], k_region, v_region, k_offsets, v_offsets,
                                                   md.block_table[row], seq_len, multiplicity, self.scale,
                                                   want_mass=undecided is not None or text is not None,
-                                                  out=target.view(query[start:end].shape) if direct else None)
+                                                  out=target.view(query[start:end].shape) if direct else None,
+                                                  key_copy=key_copy)
         if not direct:
             target.copy_(out.view(target.shape))
         if undecided is not None:
