@@ -38,6 +38,7 @@ SETTINGS = {  # name -> (additional_config, plugins loaded, frames)
     "tokenzoom inactive": ({}, True, 16),
     "ttm": ({"tokenzoom": {"preset": "ttm"}}, True, 16),
     "dycoke": ({"tokenzoom": {"preset": "dycoke"}}, True, 16),
+    "dycoke without key copy": ({"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"key_copy": False}}}}, True, 16),
     "oracle for ttm (8 frames)": ({}, False, 8),
     "oracle for dycoke (3 frames)": ({}, False, 3),
 }
