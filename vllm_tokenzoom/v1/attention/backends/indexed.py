@@ -8,18 +8,34 @@ batch rows' sessions with :func:`with_rows` (metadata class mixing in :class:`Ro
 - indexed path: each row that has a modified view at this layer, or whose policy wants
   scores here (the decode query's; or, in prefill, the text queries'), is computed over
   the kept positions with the ``log m`` bias, and the scores go to its session; if other rows remain, the platform's kernel runs for the
-  batch first and the indexed rows overwrite their part.
+  batch first and the indexed rows overwrite their part. On CPU the decode rows of a layer
+  go to the C++ kernel in one call (per-row calls cost more Python than attention at batch 16).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_tokenzoom.ops import indexed_paged_attention, layout_code, runs_cpp_kernel
+from vllm_tokenzoom.ops import indexed_decode_batch, indexed_paged_attention, layout_code, runs_cpp_kernel
 from vllm_tokenzoom.v1.worker.sessions import current_rows
+
+
+class RowPlan(NamedTuple):
+    """What one batch row needs from the indexed path at one layer."""
+
+    row: int
+    session: object  # RequestSession
+    start: int  # first query token of the row in the batch
+    num_queries: int
+    seq_len: int
+    multiplicity: torch.Tensor | None  # [nq, seq_len] or None (all ones)
+    undecided: int | None  # row-local query a policy decides for here
+    text: torch.Tensor | None  # row-local text queries whose scores are recorded here
+    layer: int
 
 
 @dataclass(kw_only=True)
@@ -67,12 +83,16 @@ class IndexedRowsMixin:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
         regions = self.kv_regions(layer, kv_cache)
+        decode = [p for p in plans if p.num_queries == 1 and p.text is None] if runs_cpp_kernel(query) else []
+        if len(decode) > 1:
+            self._decode_rows(query, regions, attn_metadata, output, decode)
+            plans = [p for p in plans if not (p.num_queries == 1 and p.text is None)]
         for plan in plans:
-            self._indexed_row(query, regions, attn_metadata, output, *plan)
+            self._indexed_row(query, regions, attn_metadata, output, plan)
         return output
 
     @staticmethod
-    def _plan_rows(layer_index: int, rows, md) -> list[tuple]:
+    def _plan_rows(layer_index: int, rows, md) -> list[RowPlan]:
         """The rows that need the indexed path at this layer, with what they need."""
         plans = []
         for row, session in enumerate(rows):
@@ -85,19 +105,34 @@ class IndexedRowsMixin:
             undecided = session.undecided_query(layer_index, first_query, seq_len)
             text = session.text_queries(layer_index, first_query, seq_len)
             if multiplicity is not None or undecided is not None or text is not None:
-                plans.append((row, session, start, num_queries, seq_len, multiplicity, undecided, text, layer_index))
+                plans.append(RowPlan(row, session, start, num_queries, seq_len, multiplicity, undecided, text,
+                                     layer_index))
         return plans
 
-    def _indexed_row(self, query, regions, md, output, row, session, start, num_queries, seq_len, multiplicity,
-                     undecided, text, layer_index) -> None:
+    def _decode_rows(self, query, regions, md, output, plans) -> None:
+        """One decode query per plan (no text queries), all in one C++ kernel call."""
+        k_region, v_region, k_offsets, v_offsets = regions
+        starts = torch.tensor([p.start for p in plans])
+        block_table = md.block_table[torch.tensor([p.row for p in plans])]  # [R, max_blocks]
+        copies = [_key_copy(p, regions, block_table[i]) for i, p in enumerate(plans)]
+        out, masses, keys = indexed_decode_batch(query[starts], k_region, v_region, k_offsets, v_offsets, block_table,
+                                                 [p.seq_len for p in plans], [p.multiplicity for p in plans],
+                                                 self.scale, want_mass=any(p.undecided is not None for p in plans),
+                                                 key_copies=copies)
+        output.index_copy_(0, starts, out.view(len(plans), *output.shape[1:]).to(output.dtype))
+        for plan, mass, row_keys in zip(plans, masses or [None] * len(plans), keys):
+            if plan.undecided is not None:
+                plan.session.decide(plan.seq_len - 1, _all_heads(mass[0], self.num_heads), row_keys, plan.seq_len)
+
+    def _indexed_row(self, query, regions, md, output, plan: RowPlan) -> None:
+        row, session, start, num_queries, seq_len, multiplicity, undecided, text, layer_index = plan
         end = start + num_queries
         k_region, v_region, k_offsets, v_offsets = regions
         target = output[start:end]  # written in place by the kernel when it is contiguous
         direct = target.is_contiguous()
         key_copy = None
-        if multiplicity is not None and num_queries == 1 and runs_cpp_kernel(query) and \
-                layout_code(k_offsets, transposed_ok=True) == 2:  # a pruned decode query over vLLM's CPU K
-            key_copy = session.key_copy(layer_index, seq_len - 1, k_region, k_offsets, md.block_table[row])
+        if num_queries == 1 and runs_cpp_kernel(query):
+            key_copy = _key_copy(plan, regions, md.block_table[row])
         out, mass, keys = indexed_paged_attention(query[start:end], k_region, v_region, k_offsets, v_offsets,
                                                   md.block_table[row], seq_len, multiplicity, self.scale,
                                                   want_mass=undecided is not None or text is not None,
@@ -110,6 +145,14 @@ class IndexedRowsMixin:
                            seq_len)
         if text is not None:
             session.record_prefill_scores(layer_index, _all_heads(mass[text], self.num_heads), keys, seq_len)
+
+
+def _key_copy(plan: RowPlan, regions, block_row):
+    """The session's key copy for a pruned decode query over vLLM's (transposed) CPU K, else None."""
+    k_region, _, k_offsets, _ = regions
+    if plan.multiplicity is None or layout_code(k_offsets, transposed_ok=True) != 2:
+        return None
+    return plan.session.key_copy(plan.layer, plan.seq_len - 1, k_region, k_offsets, block_row)
 
 
 def _all_heads(mass: torch.Tensor, local_heads: int) -> torch.Tensor:
