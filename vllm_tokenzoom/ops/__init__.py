@@ -72,7 +72,14 @@ def copy_keys(k_region, k_offsets, block_row, positions: torch.Tensor, row_of: t
     """A :class:`KeyCopy` of the positions ``positions`` [rows] (ascending, all cached).
     ``row_of``: ``rows_of(positions)``, passed to share one among the copies of a request's
     layers (the kernels' per-step key rows are then computed once for all of them)."""
-    keys = ref.gather(k_region, k_offsets, block_row, positions).transpose(0, 1).contiguous()  # [Hkv, rows, hs]
+    if positions.numel() and layout_code(k_offsets, transposed_ok=True) == 2:  # vLLM's CPU K: whole blocks
+        block_size, num_kv_heads = k_offsets.shape[0], k_region.shape[1]
+        first, last = int(positions[0]) // block_size, int(positions[-1]) // block_size
+        tiles = k_region[block_row[first:last + 1].long()]  # [nblk, Hkv, hs * B]: K of each block, transposed
+        tiles = tiles.view(-1, num_kv_heads, k_offsets.shape[1], block_size).permute(1, 0, 3, 2)  # [Hkv, nblk, B, hs]
+        keys = tiles.reshape(num_kv_heads, -1, k_offsets.shape[1])[:, positions - first * block_size].contiguous()
+    else:
+        keys = ref.gather(k_region, k_offsets, block_row, positions).transpose(0, 1).contiguous()  # [Hkv, rows, hs]
     return KeyCopy(keys, rows_of(positions) if row_of is None else row_of)
 
 
