@@ -123,9 +123,12 @@ def test_cpp_kernel_reads_copied_keys_from_the_key_copy(seq_len, head_size, bloc
     where = (torch.rand(seq_len, generator=gen) < copied).nonzero().squeeze(1)  # copied positions, ascending
     k_mixed = k.clone()
     k_mixed[where] = k2[where]
-    regions = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k, v, block_size, layout, seed))]
-    mixed = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k_mixed, v, block_size, layout, seed))]
-    k2_regions = [r.to(dtype) if i < 2 else r for i, r in enumerate(paged_cache(k2, v, block_size, layout, seed))]
+
+    def cache(keys):  # regions in dtype, offsets and block row as built (the same seed: the same blocks)
+        k_region, v_region, *rest = paged_cache(keys, v, block_size, layout, seed)
+        return [k_region.to(dtype), v_region.to(dtype), *rest]
+
+    regions, mixed, k2_regions = cache(k), cache(k_mixed), cache(k2)
     key_copy = copy_keys(k2_regions[0], k2_regions[2], k2_regions[4], where)
     assert torch.equal(key_copy.keys, k2[where].to(dtype).transpose(0, 1))  # an exact copy, [Hkv, rows, hs]
     query = torch.randn(1, hq, head_size, generator=gen)

@@ -56,10 +56,6 @@ class KeyCopy:
     keys: torch.Tensor
     row_of: torch.Tensor
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size()
-
 
 def rows_of(positions: torch.Tensor) -> torch.Tensor:
     """[positions[-1] + 1] int32: the row of each position in a copy of ``positions`` (-1: none)."""

@@ -16,6 +16,7 @@ blocks are replaced (preemption: the KV is recomputed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -46,7 +47,6 @@ class RequestSession:
     # the last multiplicities handed out: every layer of a group reads the same ones in a step
     _cached: tuple = field(default=(None, None), repr=False)
     key_copies: dict[int, KeyCopy] = field(default_factory=dict)  # layer -> K of the visual tokens
-    _row_of: torch.Tensor | None = field(default=None, repr=False)  # [P] int32, shared by the copies
     block_ids: object = field(default=None, repr=False)  # vLLM's block ids object the copies were read from
 
     def __post_init__(self):
@@ -109,11 +109,14 @@ class RequestSession:
             return None
         copy = self.key_copies.get(layer)
         if copy is None:
-            if self._row_of is None:
-                self._row_of = rows_of(self.visual_positions)
             copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, self.visual_positions,
-                                                      self._row_of)
+                                                      self.visual_rows)
         return copy
+
+    @cached_property
+    def visual_rows(self) -> torch.Tensor:
+        """[P] int32: each position's row in the key copies (-1: not visual), one for all layers."""
+        return rows_of(self.visual_positions)
 
     def track_blocks(self, block_ids) -> None:
         """vLLM replaces a request's block ids object when it resumes after preemption: its

@@ -37,6 +37,11 @@ class RowPlan(NamedTuple):
     text: torch.Tensor | None  # row-local text queries whose scores are recorded here
     layer: int
 
+    @property
+    def is_decode(self) -> bool:
+        """One query and no text scores: what the batched C++ call serves."""
+        return self.num_queries == 1 and self.text is None
+
 
 @dataclass(kw_only=True)
 class RowsMetadata:
@@ -83,10 +88,10 @@ class IndexedRowsMixin:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                             output_block_scale)
         regions = self.kv_regions(layer, kv_cache)
-        decode = [p for p in plans if p.num_queries == 1 and p.text is None] if runs_cpp_kernel(query) else []
+        decode = [p for p in plans if p.is_decode] if runs_cpp_kernel(query) else []
         if len(decode) > 1:
             self._decode_rows(query, regions, attn_metadata, output, decode)
-            plans = [p for p in plans if not (p.num_queries == 1 and p.text is None)]
+            plans = [p for p in plans if not p.is_decode]
         for plan in plans:
             self._indexed_row(query, regions, attn_metadata, output, plan)
         return output
