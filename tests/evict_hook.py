@@ -1,28 +1,28 @@
 """Test hook (imported by the offline child before its engine starts; engine, worker and
-scheduler share that process): at each DyCoke request's first decode step, permanently
-evict token positions [128, 384), two whole blocks of 128, in every layer group. It
-exercises block reclamation without a method that drops tokens for good yet (ZoomVLM's
-`ata` will). ``TOKENZOOM_TEST_NO_RECLAIM=1`` keeps the eviction but never reports blocks
-(mask only). ``report()`` returns what the scheduler freed and allocated."""
+scheduler share that process): at each DyCoke request's first decode decision, permanently
+evict token positions [128, 384), two whole blocks of 128, in every layer (a permanent policy
+layer covering layer 0 on, as ZoomVLM's `ata` drops will). ``TOKENZOOM_TEST_NO_RECLAIM=1``
+keeps the eviction but never reports blocks (mask only). ``report()`` returns what the
+scheduler freed and allocated."""
 import os
 
 import torch
 
-from vllm_tokenzoom.kv.view import KVPlan
 from vllm_tokenzoom.v1.core.sched import scheduler as tz_scheduler
 from vllm_tokenzoom.v1.worker import sessions
 
-DEAD = torch.arange(128, 384)
+DEAD = (128, 384)
 _LOG = {"steps": [], "free_blocks": []}
 _original_decide = sessions.RequestSession.decide
 
 
-def decide(self, position, mass, keys, seq_len):
-    _original_decide(self, position, mass, keys, seq_len)
-    if not getattr(self, "_test_evicted", False):
-        self._test_evicted = True
-        for group in range(len(self.view.group_starts)):
-            self.view.apply(KVPlan(group, DEAD, torch.zeros(DEAD.numel()), permanent=True), at_position=position)
+def decide(self, name, layer, position, scores):
+    _original_decide(self, name, layer, position, scores)
+    if name == "dp" and "test_evict" not in self.view.layers:
+        positions = self.token_map.positions
+        value = ((positions < DEAD[0]) | (positions >= DEAD[1])).float()
+        assert int((value == 0).sum()) == DEAD[1] - DEAD[0], "the evicted span must be visual tokens"
+        self.view.push("test_evict", 0, position, value, permanent=True)
 
 
 sessions.RequestSession.decide = decide

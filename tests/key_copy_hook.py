@@ -6,10 +6,10 @@ _MADE: dict[str, list[int]] = {}  # req_id -> layer of each copy made, in order
 _original = sessions.RequestSession.key_copy
 
 
-def key_copy(self, layer, first_query, k_region, k_offsets, block_row):
+def key_copy(self, layer, segment, k_region, k_offsets, block_row):
     had = layer in self.key_copies
-    copy = _original(self, layer, first_query, k_region, k_offsets, block_row)
-    if copy is not None and not had:
+    copy = _original(self, layer, segment, k_region, k_offsets, block_row)
+    if not had:
         _MADE.setdefault(self.req_id, []).append(layer)
     return copy
 

@@ -1,28 +1,47 @@
-"""Test hook (imported by the offline child before its engine starts): every session asks
-for the text queries' attention on the visual tokens at layers 0 and 2 during prefill, as
-an in-LLM prefill method (FastV, VAS) will; ``report()`` returns them per request."""
+"""Test hook (imported by the offline child before its engine starts): every session gets a
+probe prefill policy that asks, at layers 0 and 2, for the attention the text queries (the
+prompt after the video) give each visual token, and drops nothing; ``report()`` returns the
+scores per request, averaged over those queries (the kernels hand back their sum)."""
+from dataclasses import dataclass
+
+from vllm_tokenzoom.methods.base import PrefillPolicy, Queries, ScoreRequest
 from vllm_tokenzoom.v1.worker import sessions
 
-LAYERS = frozenset({0, 2})
+LAYERS = (0, 2)
 _SCORES: dict[str, dict[int, list[float]]] = {}
-_original_post_init = sessions.RequestSession.__post_init__
 
 
-def __post_init__(self):
-    _original_post_init(self)
-    self.prefill_score_layers = LAYERS
+@dataclass(frozen=True)
+class Probe(PrefillPolicy):
+    def score_requests(self):
+        return tuple(ScoreRequest(layer, Queries.TEXT_AFTER_VIDEO) for layer in LAYERS)
+
+    def decide(self, layer, scores, state):
+        return None, state
 
 
-_original_record = sessions.RequestSession.record_prefill_scores
+_original_new = sessions.new_session
 
 
-def record_prefill_scores(self, layer, mass, keys, seq_len):
-    _original_record(self, layer, mass, keys, seq_len)
-    _SCORES.setdefault(self.req_id, {})[layer] = self.visual_scores_from_text(layer).tolist()
+def new_session(req_id, state, config, num_layers, encoder_cache):
+    session = _original_new(req_id, state, config, num_layers, encoder_cache)
+    if session is not None:
+        session.prefill = {**session.prefill, "probe": Probe()}
+    return session
 
 
-sessions.RequestSession.__post_init__ = __post_init__
-sessions.RequestSession.record_prefill_scores = record_prefill_scores
+_original_decide = sessions.RequestSession.decide
+
+
+def decide(self, name, layer, position, scores):
+    _original_decide(self, name, layer, position, scores)
+    if name == "probe":
+        num_text = self.num_prompt_tokens - self.token_map.first_text_position
+        _SCORES.setdefault(self.req_id, {})[layer] = (scores / num_text).tolist()
+
+
+sessions.new_session = new_session
+sessions.RequestSession.decide = decide
 
 
 def report():

@@ -24,6 +24,7 @@ def test_apply_returns_exactly_the_counted_tokens(cls, ratio):
 def test_random_drop_is_a_fixed_random_subset():
     frames = torch.randn(16, 196, 4)
     tokens, kept = RandomDrop(keep_ratio=0.15, seed=3).apply(frames)
+    kept = kept.source
     assert kept.tolist() == sorted(set(kept.tolist())) and len(kept) == round(0.15 * 16 * 196)
     assert torch.equal(tokens, frames.flatten(0, 1)[kept])
     assert torch.equal(kept, RandomDrop(keep_ratio=0.15, seed=3).plan(16, 196))
@@ -34,6 +35,7 @@ def test_random_drop_is_a_fixed_random_subset():
 def test_frame_sampling_keeps_whole_uniform_frames_from_first_to_last():
     frames = torch.arange(32 * 196 * 2, dtype=torch.float32).view(32, 196, 2)
     tokens, kept = FrameSampling(keep_ratio=0.25).apply(frames)
+    kept = kept.source
     chosen = sorted(set((kept // 196).tolist()))
     assert chosen[0] == 0 and chosen[-1] == 31 and len(chosen) == 8
     assert len(set(b - a for a, b in zip(chosen, chosen[1:]))) <= 2  # evenly spaced up to rounding
@@ -45,7 +47,8 @@ def test_spatial_pool_averages_square_neighbourhoods():
     pooled, kept = SpatialPool(keep_ratio=0.25).apply(frames)  # 14x14 -> 7x7: exact 2x2 means
     grid = frames.view(3, 14, 14, 5)
     expected = grid.view(3, 7, 2, 7, 2, 5).mean((2, 4)).reshape(3 * 49, 5)
-    assert kept is None and torch.allclose(pooled, expected, atol=1e-6)
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    assert kept.cells == 49 and kept.frame.tolist() == [f for f in range(3) for _ in range(49)]  # new cells: 7 x 7
     assert torch.allclose(SpatialPool(keep_ratio=1.0).apply(frames)[0], frames.flatten(0, 1))
 
 

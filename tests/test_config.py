@@ -38,9 +38,54 @@ def test_methods_and_preset_overrides():
 
 
 def test_resolved_form_round_trips():
-    cfg = parse_config({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5}}}})
-    assert parse_config({"tokenzoom": cfg.to_dict()}) == parse_config({"tokenzoom": cfg.to_dict()})
-    assert parse_config({"tokenzoom": cfg.to_dict()}).ttm == cfg.ttm
+    cfg = parse_config({"tokenzoom": {"preset": "dycoke", "methods": {"ttm": {"prune_ratio": 0.5}, "fastv": {}}}})
+    again = parse_config({"tokenzoom": cfg.to_dict()})
+    assert again.methods == cfg.methods  # every policy, every setting
+    assert again.methods["ttm"] == TTM(prune_ratio=0.5) and list(again.methods) == ["ttm", "fastv", "dp"]
+
+
+def test_fastv_settings_and_preset():
+    from vllm_tokenzoom.methods import FastV
+
+    assert parse_config({"tokenzoom": {"preset": "fastv"}}).fastv == FastV(layer=2, prune_ratio=0.5)
+    cfg = parse_config({"tokenzoom": {"methods": {"ttm": {}, "fastv": {"layer": 3, "prune_ratio": 0.75}, "dp": {}}}})
+    assert cfg.fastv == FastV(layer=3, prune_ratio=0.75) and cfg.ttm == TTM() and cfg.dp == DP()
+
+
+def test_requirements_are_the_union_of_the_methods():
+    ttm = parse_config({"tokenzoom": {"preset": "ttm"}}).requirements
+    assert not (ttm.prefix_caching_off or ttm.one_step_prefill or ttm.attention_backend) and ttm.kv_cache_dtypes is None
+    dycoke = parse_config({"tokenzoom": {"preset": "dycoke"}})
+    assert dycoke.requirements.prefix_caching_off and not dycoke.requirements.one_step_prefill
+    assert dycoke.needing("prefix_caching_off") == ["dp"]
+    both = parse_config({"tokenzoom": {"methods": {"fastv": {}, "dp": {}}}})
+    assert both.requirements.one_step_prefill and both.needing("one_step_prefill") == ["fastv"]
+    assert both.requirements.kv_cache_dtypes == ("auto", "bfloat16", "float16", "float32")
+    assert both.needing("no_speculative_decoding") == ["fastv", "dp"]
+
+
+def test_list_and_optional_settings(monkeypatch):
+    """The parser checks every setting type a policy may declare (VAS and ZoomVLM need lists
+    and optional values): JSON lists become tuples, null is allowed only where declared."""
+    from dataclasses import dataclass
+
+    from vllm_tokenzoom.methods import REGISTRY, PrefillPolicy
+
+    @dataclass(frozen=True)
+    class Probe(PrefillPolicy):
+        coefficients: tuple[float, ...] = (1.0, -1.0, 1.0)
+        layers: list[int] | None = None
+        end_layer: int | None = None
+
+    monkeypatch.setitem(REGISTRY, "probe", Probe)
+    cfg = parse_config({"tokenzoom": {"methods": {"probe": {"coefficients": [1, -2, 1.5], "layers": [2, 3],
+                                                            "end_layer": None}}}})
+    assert cfg.methods["probe"] == Probe(coefficients=(1, -2, 1.5), layers=(2, 3), end_layer=None)
+    assert parse_config({"tokenzoom": cfg.to_dict()}).methods == cfg.methods
+    for bad, allowed in [({"layers": [2, "x"]}, "a list of int or null"), ({"coefficients": None}, "a list of float"),
+                         ({"end_layer": 2.5}, "int or null"), ({"layers": 3}, "a list of int or null")]:
+        with pytest.raises(TokenZoomConfigError, match="wrong type; allowed: " + allowed):
+            parse_config({"tokenzoom": {"methods": {"probe": bad}}})
 
 
 @pytest.mark.parametrize(
@@ -54,14 +99,18 @@ def test_resolved_form_round_trips():
         ({"methods": {"ttm": {"window": 8}}}, ["tokenzoom.methods.ttm", "'window'", "'prune_ratio', 'variant'"]),
         ({"methods": {"ttm": 0.7}}, ["tokenzoom.methods.ttm", "0.7", "object"]),
         ({"methods": ["ttm"]}, ["tokenzoom.methods", "['ttm']", "object"]),
-        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet", "implemented: 'ttm', 'dp'"]),
-        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm', 'dp'", "'fastv', 'vas', 'ata', 'voa'"]),
+        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet", "implemented: 'ttm', 'fastv', 'dp'"]),
+        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm', 'fastv', 'dp'", "'vas', 'ata', 'voa'"]),
+        ({"methods": {}}, ["tokenzoom.methods is empty", "'ttm'", "'dycoke'"]),
+        ({"methods": {"ttm": {}, "random_drop": {}}}, ["'ttm', 'random_drop' both act before the LLM", "at most one"]),
+        ({"methods": {"fastv": {"layer": 0}}}, ["tokenzoom.methods.fastv.layer", "0", "layer >= 1"]),
+        ({"methods": {"fastv": {"prune_ratio": 1}}}, ["tokenzoom.methods.fastv.prune_ratio", "0.0 <= prune_ratio < 1.0"]),
         ({"methods": {"dp": {"layer": 0}}}, ["tokenzoom.methods.dp.layer", "0", "layer >= 1"]),
         ({"methods": {"dp": {"layer": 2.5}}}, ["tokenzoom.methods.dp.layer", "2.5", "int"]),
         ({"methods": {"dp": {"threshold": 2}}}, ["tokenzoom.methods.dp.threshold", "2", "-1.0 <= threshold <= 1.0"]),
         ({"methods": {"dp": {"top_k": 3}}}, ["tokenzoom.methods.dp", "'top_k'", "'layer', 'prune_ratio', 'threshold', 'variant'"]),
-        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet", "presets available now: 'ttm', 'dycoke'"]),
-        ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'zoomvlm'"]),
+        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet", "presets available now: 'ttm', 'dycoke', 'fastv'"]),
+        ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'fastv', 'zoomvlm'"]),
         ({"preset": 3}, ["tokenzoom.preset", "3"]),
         ({"ttm": {"prune_ratio": 0.7}}, ["tokenzoom", "unknown key(s) 'ttm'", "'preset', 'methods'"]),
         ("ttm", ["tokenzoom", "'ttm'", "object"]),
@@ -75,7 +124,7 @@ def test_bad_config_names_key_value_and_allowed(raw, names):
 
 
 def test_every_preset_names_known_methods():
-    from vllm_tokenzoom.methods import IMPLEMENTED, PLANNED
+    from vllm_tokenzoom.methods import PLANNED, REGISTRY
 
     for methods in PRESETS.values():
-        assert set(methods) <= set(IMPLEMENTED) | set(PLANNED)
+        assert set(methods) <= set(REGISTRY) | set(PLANNED)

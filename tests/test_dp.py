@@ -3,45 +3,63 @@ import pytest
 import torch
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods.dp import DP, DPState
+from vllm_tokenzoom.methods.dp import DP
+
+
+def read(value: torch.Tensor) -> list[int]:
+    """The visual indices layers >= L read (multiplicity 1), the others must be 0."""
+    assert set(value.unique().tolist()) <= {0.0, 1.0}
+    return value.nonzero().flatten().tolist()
 
 
 def test_first_step_keeps_the_most_attended_tokens_in_order():
     scores = torch.tensor([0.1, 0.5, 0.05, 0.3, 0.05, 0.0, 0.2, 0.4, 0.0, 0.1])
-    decision = DP(prune_ratio=0.7).decide(scores, DPState())
-    assert decision.reselected
-    assert decision.selection.tolist() == [1, 3, 7]  # int(10 * 0.3) = 3 most attended, sorted
+    value, _ = DP(prune_ratio=0.7).step(scores, None)
+    assert read(value) == [1, 3, 7]  # int(10 * 0.3) = 3 most attended
 
 
 def test_stable_attention_reuses_the_selection_in_the_papers_variant():
     dp = DP(prune_ratio=0.5, threshold=0.9)
-    first = dp.decide(torch.tensor([4.0, 3.0, 2.0, 1.0]), DPState())
+    _, state = dp.step(torch.tensor([4.0, 3.0, 2.0, 1.0]), None)
     # cosine(new, old) > 0.9 although the ranking changed: the old selection stays
-    second = dp.decide(torch.tensor([3.0, 4.0, 1.0, 2.2]), first.state)
-    assert not second.reselected and second.selection.tolist() == [0, 1]
-    assert torch.equal(second.state.last_scores, torch.tensor([3.0, 4.0, 1.0, 2.2]))  # updated every step
+    value, state = dp.step(torch.tensor([3.0, 4.0, 1.0, 2.2]), state)
+    assert read(value) == [0, 1]
+    assert torch.equal(state.last_scores, torch.tensor([3.0, 4.0, 1.0, 2.2]))  # updated every step
 
 
 def test_changed_attention_reselects():
     dp = DP(prune_ratio=0.5, threshold=0.9)
-    first = dp.decide(torch.tensor([4.0, 3.0, 0.0, 0.0]), DPState())
-    second = dp.decide(torch.tensor([0.0, 0.0, 3.0, 4.0]), first.state)  # cosine 0
-    assert second.reselected and second.selection.tolist() == [2, 3]
+    _, state = dp.step(torch.tensor([4.0, 3.0, 0.0, 0.0]), None)
+    value, _ = dp.step(torch.tensor([0.0, 0.0, 3.0, 4.0]), state)  # cosine 0
+    assert read(value) == [2, 3]
 
 
 def test_official_variant_attends_to_everything_on_stable_steps():
     dp = DP(prune_ratio=0.5, variant="official")
-    first = dp.decide(torch.tensor([4.0, 3.0, 2.0, 1.0]), DPState())
-    second = dp.decide(torch.tensor([4.0, 3.0, 2.0, 1.1]), first.state)
-    assert first.selection.tolist() == [0, 1] and second.selection is None
+    first, state = dp.step(torch.tensor([4.0, 3.0, 2.0, 1.0]), None)
+    second, state = dp.step(torch.tensor([4.0, 3.0, 2.0, 1.1]), state)
+    assert read(first) == [0, 1] and read(second) == [0, 1, 2, 3]
+    # the selection in force is still the last one chosen: a stable step after an unstable one reuses it
+    third, _ = dp.step(torch.tensor([1.0, 2.0, 3.0, 4.0]), state)
+    assert read(third) == [2, 3]
 
 
 def test_zero_ratio_keeps_every_visual_token():
-    assert DP(prune_ratio=0.0).decide(torch.rand(7), DPState()).selection.tolist() == list(range(7))
+    assert read(DP(prune_ratio=0.0).step(torch.rand(7), None)[0]) == list(range(7))
 
 
 def test_ties_prefer_earlier_tokens():
-    assert DP(prune_ratio=0.5).decide(torch.ones(6), DPState()).selection.tolist() == [0, 1, 2]
+    assert read(DP(prune_ratio=0.5).step(torch.ones(6), None)[0]) == [0, 1, 2]
+
+
+def test_decisions_run_on_the_scores_device_without_host_sync():
+    """``meta`` tensors have no values: any host synchronisation (``float()``, ``bool()``,
+    ``.item()``) or device mix raises. Every step stays on the device."""
+    dp = DP(prune_ratio=0.5)
+    value, state = dp.step(torch.rand(10, device="meta"), None)
+    for _ in range(2):
+        value, state = dp.step(torch.rand(10, device="meta"), state)
+    assert value.device.type == "meta" and state.selection.device.type == "meta" and value.shape == (10,)
 
 
 @pytest.mark.parametrize("kwargs, text", [

@@ -66,7 +66,7 @@ def test_tiny_model_through_vllm_on_the_triton_kernels(tiny_model, dense, prompt
 
     request = dict(frames=8, seed=70, max_tokens=6)
     env = {"TOKENZOOM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
-    (got,) = run_offline(tiny_model, [request], {"tokenzoom": {}}, env=env)["outputs"]
+    (got,) = run_offline(tiny_model, [request], {"tokenzoom": {}}, env=env, trace=True)["outputs"]
     ref_out = dense.generate(load_video(request), prompt, TTM(prune_ratio=0.7), 6, dp=DP())
     assert [tuple(step) for step in got["dp_trace"]] == [(q, s) for q, s in ref_out.dp_trace]
     assert got["tokens"] == ref_out.tokens

@@ -3,7 +3,8 @@
 Duplicating a token k times must equal attending to a list where it appears k times;
 evicting must equal leaving it out; reviving must bring it back. Checked with random
 evict / duplicate / revive sequences (hypothesis) through the paged gather with plain and
-packed (transposed-K) block layouts, GQA 14/2, head sizes 32 and 64.
+packed (transposed-K) block layouts, GQA 14/2, head sizes 32 and 64. Then the view itself:
+policy layers composed by product, compact history, permanent zeros, death layers.
 """
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.paged_cache import paged_cache
-from vllm_tokenzoom.kv.view import KVPlan, TokenView
+from vllm_tokenzoom.kv.view import TokenView
 from vllm_tokenzoom.ops.paged_attention_ref import indexed_paged_attention
 
 
@@ -49,18 +50,18 @@ def check_view_against_dense(ops, seq_len, head_size, block_size, layout, seed):
     hq, hkv = 14, 2
     k, v = torch.randn(seq_len, hkv, head_size, generator=gen), torch.randn(seq_len, hkv, head_size, generator=gen)
     query = torch.randn(1, hq, head_size, generator=gen)  # a decode query at position seq_len - 1
-    view, m = TokenView((0,)), [1] * seq_len
-    for step, (op, where, times) in enumerate(ops):
+    m = [1] * seq_len
+    for op, where, times in ops:
         p = where % seq_len
         value = {"evict": 0, "dup": times, "revive": 1}[op]
         if op == "evict" and sum(1 for x in m if x > 0) == 1 and m[p] > 0:
             continue  # keep at least one token readable
         m[p] = value
-        view.apply(KVPlan(0, torch.tensor([p]), torch.tensor([float(value)])), at_position=step)
     listed = [p for p in range(seq_len) for _ in range(m[p])]
     expected = dense_attention(query, [k[p] for p in listed], [v[p] for p in listed], 0.125)
     regions = paged_cache(k, v, block_size, layout, seed)
-    out, mass, keys = indexed_paged_attention(query, *regions, seq_len, view.multiplicity(0, seq_len), 0.125)
+    multiplicity = None if all(x == 1 for x in m) else torch.tensor(m, dtype=torch.float32)
+    out, mass, keys = indexed_paged_attention(query, *regions, seq_len, multiplicity, 0.125)
     torch.testing.assert_close(out.float(), expected, rtol=1e-5, atol=1e-5)
     assert keys.tolist() == [p for p in range(seq_len) if m[p] > 0]  # evicted tokens are never read
     torch.testing.assert_close(mass.sum(-1), torch.ones(1))
@@ -92,15 +93,67 @@ def test_per_query_views_are_causal_and_independent():
         torch.testing.assert_close(out[i:i + 1].float(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_view_history_gives_each_position_its_view():
-    view = TokenView((0, 2))
-    view.apply(KVPlan(1, torch.tensor([3]), torch.tensor([0.0])), at_position=10)
-    view.apply(KVPlan(1, torch.tensor([4]), torch.tensor([2.0]), reset=True), at_position=11)
-    assert view.multiplicity(0, 6) is None  # group 0 untouched
-    assert view.at(9).multiplicity(2, 6) is None
-    assert view.at(10).multiplicity(2, 6).tolist() == [1, 1, 1, 0, 1, 1]
-    assert view.at(11).multiplicity(3, 6).tolist() == [1, 1, 1, 1, 2, 1]
+def test_policy_layers_compose_by_product_and_never_erase_each_other():
+    """Two decode policies edit their own layers: one prunes from layer 2 on, one duplicates from
+    layer 1 on; a layer reads the product, and a new plan of one leaves the other's in force."""
+    view = TokenView(num_visual=4, num_layers=4)
+    prune, dup = torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([2.0, 1.0, 1.0, 3.0])
+    view.push("dp", 2, position=10, value=prune)
+    view.push("ata", 1, position=10, value=dup)
+    assert view.multiplicity(0, 10) is None
+    assert view.multiplicity(1, 10).tolist() == [2, 1, 1, 3]
+    assert view.multiplicity(3, 10).tolist() == [2, 0, 1, 3]
+    view.push("dp", 2, position=11, value=torch.tensor([0.0, 1.0, 1.0, 1.0]))  # dp re-selects
+    assert view.multiplicity(3, 11).tolist() == [0, 1, 1, 3]  # ata's duplicates stay
+    assert view.multiplicity(3, 10).tolist() == [2, 0, 1, 3]  # and query 10 keeps the view it had
+    assert view.multiplicity(3, 9) is None  # before any plan: all ones
+
+
+def test_history_keeps_only_distinct_views():
+    """A request recomputed after preemption gets each query's view from a history as long as
+    the number of distinct views, not the number of steps."""
+    view = TokenView(num_visual=3000, num_layers=24)
+    a, b = torch.ones(3000), torch.ones(3000)
+    a[::3], b[1::3] = 0, 0
+    for step in range(1000):
+        view.push("dp", 3, position=5000 + step, value=(a if step < 600 else b).clone())  # new objects, equal values
+        view.settle()
+    history = view.layers["dp"].history
+    assert history.starts == [5000, 5600] and len(history.values) == 2
+    assert torch.equal(view.multiplicity(5, 5599), a) and torch.equal(view.multiplicity(5, 5600), b)
+    assert torch.equal(view.multiplicity(5, 6999), b)
     with pytest.raises(ValueError, match="position order"):
-        view.apply(KVPlan(1, torch.tensor([0]), torch.tensor([1.0])), at_position=5)
-    with pytest.raises(ValueError, match=">= 0"):
-        KVPlan(0, torch.tensor([0]), torch.tensor([-1.0]))
+        view.push("dp", 3, position=5500, value=a)
+
+
+def test_permanent_zeros_are_never_revived_and_count_as_dead_everywhere():
+    view = TokenView(num_visual=5, num_layers=4)
+    view.push("evict", 0, position=10, value=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]), permanent=True)
+    view.push("dp", 2, position=10, value=torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))  # revivable
+    assert view.dead_everywhere().tolist() == [False, True, True, False, False]
+    view.push("evict", 0, position=11, value=torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0]), permanent=True)
+    assert view.dead_everywhere().tolist() == [False, True, True, True, False]
+    with pytest.raises(ValueError, match="permanently evicted"):
+        view.push("evict", 0, position=12, value=torch.ones(5), permanent=True)
+
+
+def test_death_layers_compact_the_cache_of_later_layers():
+    """Prefill drops (death layers): in the layers after, the alive tokens sit at cache indices
+    0, 1, 2, ... in position order; generated tokens follow them (hand-derived)."""
+    from vllm_tokenzoom.kv.layout import CacheLayout
+    from vllm_tokenzoom.kv.token_map import TokenMap
+
+    # prompt: 2 text, 6 visual (positions 2..7), newline 8, 3 text (9..11); N = 12
+    token_map = TokenMap.build(12, [(2, 7)], [None])
+    view = TokenView(num_visual=6, num_layers=4)
+    view.drop_after(torch.tensor([False, True, False, True, True, False]), layer=1)  # positions 3, 5, 6
+    layout = CacheLayout(token_map, view.death, 4)
+    assert layout.boundaries == [2] and layout.segment(1) is layout.segments[0] is not layout.segment(3)
+    seg = layout.segment(2)
+    assert seg.cache_index(torch.arange(12)).tolist() == [0, 1, 2, -1, 3, -1, -1, 4, 5, 6, 7, 8]
+    assert seg.cache_index(torch.tensor([12, 13])).tolist() == [9, 10]  # generated tokens
+    assert [seg.cache_len(n) for n in (3, 4, 8, 12, 14)] == [3, 3, 5, 9, 11]
+    assert layout.segment(0).cache_index(torch.arange(12)).tolist() == list(range(12))
+    assert seg.visual_cache_index.tolist() == [2, -1, 3, -1, -1, 4]
+    # blocks of 4: segment 0 uses blocks 0-2 of 12 positions; segment 2 only 0-2 too (9 indices)
+    assert layout.blocks_in_use(torch.zeros(6, dtype=torch.bool), 12, 4) == {0, 1, 2}

@@ -4,8 +4,8 @@ output changes; and after every request ends the free-block count is back where 
 import pytest
 import torch
 
-from vllm_tokenzoom.kv.view import KVPlan, TokenView
-from vllm_tokenzoom.methods.dp import DP
+from vllm_tokenzoom.kv.token_map import TokenMap
+from vllm_tokenzoom.methods import DP, FastV
 from vllm_tokenzoom.testing.offline import run_offline
 from vllm_tokenzoom.v1.worker.sessions import RequestSession, reclaimable_blocks
 
@@ -14,25 +14,52 @@ DYCOKE = {"tokenzoom": {"preset": "dycoke"}}
 TIGHT = {"num_gpu_blocks_override": 24, "max_model_len": 2048}  # 2 x 13 blocks of 128 do not fit together
 
 
-def test_only_blocks_dead_in_every_group_are_reclaimable():
-    session = RequestSession("r", num_prompt_tokens=600, visual_positions=torch.arange(10, 500), dp=DP(layer=2))
-    dead = torch.arange(128, 384)
-    session.view.apply(KVPlan(1, dead, torch.zeros(256), permanent=True), at_position=600)
-    assert reclaimable_blocks(session, 601, 128) == []  # group 0 still reads them
-    session.view.apply(KVPlan(0, torch.arange(128, 300), torch.zeros(172), permanent=True), at_position=601)
-    assert reclaimable_blocks(session, 602, 128) == [1]  # block 2 is only partly dead in group 0
-    session.view.apply(KVPlan(0, torch.arange(300, 384), torch.zeros(84), permanent=True), at_position=602)
+def session_with_video(offset=10, length=491, prefill=None):
+    """A 600-token prompt whose visual tokens sit at positions [offset, offset + length - 1)."""
+    token_map = TokenMap.build(600, [(offset, length)], [None])
+    return RequestSession("r", token_map, 4, prefill or {}, {"dp": DP(layer=2)})
+
+
+def evict(session, positions, at):
+    """Permanently evict the visual tokens at ``positions`` in every layer, from query ``at`` on."""
+    value = torch.ones(session.token_map.num_visual)
+    value[positions - 10] = 0
+    layer = session.view.layers.get("evict")
+    if layer is not None:
+        value[layer.forever] = 0
+    session.view.push("evict", 0, at, value, permanent=True)
+
+
+def test_only_blocks_no_layer_reads_are_reclaimable():
+    session = session_with_video()
+    session.view.push("dp", 2, 600, (torch.arange(490) % 2).float())  # revivable: frees nothing
+    assert reclaimable_blocks(session, 601, 128) == []
+    evict(session, torch.arange(128, 300), at=601)
+    assert reclaimable_blocks(session, 602, 128) == [1]  # block 2 is only partly dead
+    evict(session, torch.arange(300, 384), at=602)
     assert reclaimable_blocks(session, 603, 128) == [2]  # reported once each
     assert reclaimable_blocks(session, 604, 128) == []
 
 
+def test_compacted_layers_keep_the_blocks_they_store_alive_tokens_in():
+    """After prefill drops, later layers store their alive tokens at cache indices 0, 1, ...:
+    a block whose own positions all died may still hold those layers' tokens (hand-derived)."""
+    session = session_with_video(length=552)  # visual positions 10..560, newline 561, N = 600
+    session.view.drop_after(torch.arange(551) < 300, layer=1)  # positions 10..309 leave after layer 1
+    evict(session, torch.arange(128, 561), at=601)  # dead everywhere from here on
+    # layers 0-1 read positions 0..127 and 561..602: blocks 0 and 4.
+    # layers >= 2 store 0..9 at 0..9 and 310..602 at 10..302; of those, 0..9 and 561..602 are
+    # read, at cache indices 0..9 and 261..302: blocks 0 and 2. Free: 1 and 3.
+    assert reclaimable_blocks(session, 603, 128) == [1, 3]
+
+
 def test_permanent_evictions_are_never_revived():
-    view = TokenView((0, 2))
-    view.apply(KVPlan(1, torch.tensor([3, 4]), torch.zeros(2), permanent=True), at_position=10)
-    view.apply(KVPlan(1, torch.tensor([7]), torch.zeros(1), reset=True), at_position=11)  # a DyCoke-style reset
-    assert view.multiplicity(2, 8).tolist() == [1, 1, 1, 0, 0, 1, 1, 0]
+    session = session_with_video()
+    evict(session, torch.tensor([13, 14]), at=10)
+    session.view.push("dp", 2, 11, torch.ones(490))  # a DyCoke-style full view: the dead stay dead
+    assert session.view.multiplicity(2, 11)[3:5].tolist() == [0, 0]
     with pytest.raises(ValueError, match="permanently evicted"):
-        view.apply(KVPlan(1, torch.tensor([4]), torch.ones(1)), at_position=12)
+        session.view.push("evict", 0, 12, torch.ones(490), permanent=True)
 
 
 @pytest.fixture(scope="module")

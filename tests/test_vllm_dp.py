@@ -50,7 +50,7 @@ def test_dycoke_preset_matches_reference(tiny_model, references, kernels, key_co
     and layer >= L), or from the cache with key_copy off; the other kernels never ask for one."""
     config = {"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"key_copy": key_copy}}}}
     result = run_offline(tiny_model, VIDEOS, config, env={"TOKENZOOM_KERNELS": kernels},
-                         preload=["tests.key_copy_hook"])
+                         preload=["tests.key_copy_hook"], trace=True)
     refs = references["dycoke"]
     assert all(len(ref.dp_trace) == 11 for ref in refs)  # every decode step decided (11 after the first token)
     assert all(len(sel) == int(TTM(prune_ratio=0.7).num_kept_tokens(r["frames"], 196) * 0.3)
@@ -70,7 +70,7 @@ def test_stable_steps_match_reference(tiny_model, references, name, dp):
         assert any(a == b for a, b in zip(selections, selections[1:])) and len(set(map(tuple, selections))) > 2
     else:  # some steps attend to every visual token
         assert None in selections and any(s is not None for s in selections)
-    assert_same_as_reference(run_offline(tiny_model, VIDEOS[:2], dp_config(dp))["outputs"], refs)
+    assert_same_as_reference(run_offline(tiny_model, VIDEOS[:2], dp_config(dp), trace=True)["outputs"], refs)
 
 
 def test_dycoke_changes_the_output(dense, prompt, references):
@@ -93,7 +93,7 @@ def test_mixed_batch_dycoke_and_plain_requests(tiny_model, references, vanilla_t
 
 def test_chunked_prefill(tiny_model, references):
     kwargs = {"enable_chunked_prefill": True, "max_num_batched_tokens": 512}
-    outputs = run_offline(tiny_model, VIDEOS, DYCOKE, llm_kwargs=kwargs)["outputs"]
+    outputs = run_offline(tiny_model, VIDEOS, DYCOKE, llm_kwargs=kwargs, trace=True)["outputs"]
     assert_same_as_reference(outputs, references["dycoke"])
 
 
@@ -114,13 +114,12 @@ def test_preemption_under_kv_pressure(tiny_model, references):
     assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-step", "chunked-prefill"])
-def test_prefill_text_query_scores_match_reference(tiny_model, dense, prompt, chunked):
-    """Score recording during prefill (for in-LLM prefill methods): the attention each visual
-    token gets from the text queries, per layer, as the dense model computes it."""
+def test_prefill_text_query_scores_match_reference(tiny_model, dense, prompt):
+    """Scores for prefill policies (VAS will use these): the attention each visual token gets
+    from the text queries after the video, per layer, from the kernels (several queries per
+    row, one C++ call), as the dense model computes it."""
     request = dict(frames=8, seed=90, max_tokens=2)
-    kwargs = {"enable_chunked_prefill": True, "max_num_batched_tokens": 256} if chunked else {}
-    result = run_offline(tiny_model, [request], DYCOKE, preload=["tests.prefill_scores_hook"], llm_kwargs=kwargs)
+    result = run_offline(tiny_model, [request], DYCOKE, preload=["tests.prefill_scores_hook"])
     (scores,) = result["reports"]["tests.prefill_scores_hook"].values()
     for layer in (0, 2):
         expected = dense.text_to_visual_attention(load_video(request), prompt, TTM(prune_ratio=0.7), layer)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods import IMPLEMENTED, PLANNED, PRE_LLM
+from vllm_tokenzoom.methods import ONE_PER_CONFIG, PLANNED, REGISTRY, Policy, Requirements, Stage, of_stage
 
 CONFIG_KEY = "tokenzoom"
 
@@ -29,6 +29,7 @@ CONFIG_KEY = "tokenzoom"
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ttm": {"ttm": {"prune_ratio": 0.7}},
     "dycoke": {"ttm": {"prune_ratio": 0.7}, "dp": {"layer": 3, "prune_ratio": 0.7}},
+    "fastv": {"fastv": {"layer": 2, "prune_ratio": 0.5}},
     "zoomvlm": {"voa": {}, "ata": {}},
 }
 # what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean: DyCoke with the paper's settings
@@ -40,25 +41,44 @@ _TOP_KEYS = ("preset", "methods")
 class TokenZoomConfig:
     """The resolved configuration: one policy per enabled method (``None`` = off)."""
 
-    methods: Mapping[str, Any] = field(default_factory=dict)
+    methods: Mapping[str, Policy] = field(default_factory=dict)
     preset: str | None = None
 
-    @property
-    def ttm(self):
-        return self.methods.get("ttm")
+    def __getattr__(self, name: str):
+        """``config.ttm``, ``config.dp``, ...: the policy of a registered method, or None."""
+        if name in REGISTRY:
+            return self.methods.get(name)
+        raise AttributeError(name)
+
+    def stage(self, stage: Stage) -> dict[str, Policy]:
+        """The enabled policies of one stage, by name, in registry order."""
+        return {name: p for name, p in self.methods.items() if p.stage is stage}
 
     @property
-    def pre_llm(self):
+    def pre_llm(self) -> Policy | None:
         """The one policy that prunes the video before the LLM (TTM or a baseline), or None."""
-        return next((self.methods[m] for m in PRE_LLM if m in self.methods), None)
+        return next(iter(self.stage(Stage.PRE_LLM).values()), None)
 
     @property
-    def dp(self):
-        return self.methods.get("dp")
+    def in_llm(self) -> dict[str, Policy]:
+        """The policies that act inside the LLM (prefill and decode stages): they need a session."""
+        return {**self.stage(Stage.PREFILL), **self.stage(Stage.DECODE)}
+
+    @property
+    def requirements(self) -> Requirements:
+        """The union of the enabled policies' engine requirements."""
+        out = Requirements()
+        for policy in self.methods.values():
+            out = out | policy.requirements
+        return out
+
+    def needing(self, requirement: str) -> list[str]:
+        """Names of the enabled methods whose requirements set ``requirement``."""
+        return [name for name, p in self.methods.items() if getattr(p.requirements, requirement)]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form, which parses back to an equal config."""
-        return {"methods": {name: dataclasses.asdict(policy) for name, policy in self.methods.items()}}
+        return {"methods": {name: _jsonable(dataclasses.asdict(p)) for name, p in self.methods.items()}}
 
 
 def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig | None:
@@ -87,63 +107,105 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
                 settings = {}
             _require_mapping(settings, f"{where}.methods.{name}", "an object of settings")
             merged[name] = {**merged.get(name, {}), **settings}
-    methods = {name: _build_policy(name, settings, f"{where}.methods.{name}") for name, settings in merged.items()}
-    pre_llm = [m for m in PRE_LLM if m in methods]
-    if len(pre_llm) > 1:
-        raise TokenZoomConfigError(
-            f"{where}.methods: {_fmt(pre_llm)} both prune the video before the LLM; allowed: at most one of {_fmt(PRE_LLM)}"
-        )
+    if not merged:
+        raise TokenZoomConfigError(f"{where}.methods is empty; name at least one method ({_fmt(REGISTRY)}) "
+                                   f"or a preset ({_fmt(_ready_presets())}), or drop the 'tokenzoom' key")
+    ordered = [name for name in REGISTRY if name in merged]  # registry order: stable and readable
+    methods = {name: _build_policy(name, merged[name], f"{where}.methods.{name}") for name in ordered}
+    for stage in ONE_PER_CONFIG:
+        same = [m for m in methods if methods[m].stage is stage]
+        if len(same) > 1:
+            raise TokenZoomConfigError(f"{where}.methods: {_fmt(same)} both act {stage.value}; "
+                                       f"allowed: at most one of {_fmt(of_stage(stage))}")
     return TokenZoomConfig(methods=types.MappingProxyType(methods), preset=preset)
+
+
+def _ready_presets() -> list[str]:
+    return [p for p, ms in PRESETS.items() if all(m in REGISTRY for m in ms)]
 
 
 def _preset_methods(preset: Any) -> dict[str, dict[str, Any]]:
     where = f"{CONFIG_KEY}.preset"
     if not isinstance(preset, str) or preset not in PRESETS:
         raise TokenZoomConfigError(f"{where} = {preset!r} is not a preset; allowed: {_fmt(PRESETS)}")
-    missing = [m for m in PRESETS[preset] if m not in IMPLEMENTED]
+    missing = [m for m in PRESETS[preset] if m not in REGISTRY]
     if missing:
-        ready = [p for p, ms in PRESETS.items() if all(m in IMPLEMENTED for m in ms)]
         raise TokenZoomConfigError(
             f"{where} = {preset!r} needs method(s) {_fmt(missing)}, not implemented yet; "
-            f"presets available now: {_fmt(ready)}"
+            f"presets available now: {_fmt(_ready_presets())}"
         )
     return {name: dict(settings) for name, settings in PRESETS[preset].items()}
 
 
 def _check_method_name(name: Any, where: str) -> None:
-    if name in IMPLEMENTED:
+    if name in REGISTRY:
         return
     if name in PLANNED:
         raise TokenZoomConfigError(
-            f"{where}: method {name!r} is planned but not implemented yet; implemented: {_fmt(IMPLEMENTED)}"
+            f"{where}: method {name!r} is planned but not implemented yet; implemented: {_fmt(REGISTRY)}"
         )
     raise TokenZoomConfigError(
-        f"{where}: unknown method {name!r}; allowed: {_fmt(IMPLEMENTED)} (planned: {_fmt(PLANNED)})"
+        f"{where}: unknown method {name!r}; allowed: {_fmt(REGISTRY)} (planned: {_fmt(PLANNED)})"
     )
 
 
 def _build_policy(name: str, settings: Mapping[str, Any], where: str):
-    cls = IMPLEMENTED[name]
+    cls = REGISTRY[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(settings, tuple(fields), where)
     hints = typing.get_type_hints(cls)
     for key, value in settings.items():
         _check_type(value, hints[key], f"{where}.{key}")
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}  # frozen and hashable
     try:
         return cls(**settings)
     except TokenZoomConfigError as e:  # the policy knows the range, we know the path
         raise TokenZoomConfigError(f"{where}.{e}") from None
 
 
+_SCALARS = {
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
 def _check_type(value: Any, hint: Any, where: str) -> None:
-    ok = {
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        bool: lambda v: isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-    }[hint](value)
-    if not ok:
-        raise TokenZoomConfigError(f"{where} = {value!r} has the wrong type; allowed: {hint.__name__}")
+    """Scalars, ``X | None``, ``list[X]`` and ``tuple[X, ...]`` (JSON lists) of them."""
+    if not _conforms(value, hint):
+        raise TokenZoomConfigError(f"{where} = {value!r} has the wrong type; allowed: {_type_name(hint)}")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if hint is Any:
+        return True
+    if hint not in _SCALARS:
+        raise TypeError(f"tokenzoom's config parser cannot check settings of type {hint!r}")
+    return _SCALARS[hint](value)
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def _reject_unknown(mapping: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:

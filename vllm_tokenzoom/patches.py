@@ -91,46 +91,59 @@ CUDA_BACKEND = "vllm_tokenzoom.v1.attention.backends.triton_attn.TokenZoomTriton
 def _patch_model_runner() -> None:
     """Patches of ``GPUModelRunner`` (v1/worker/gpu_model_runner.py), which the CPU runner inherits.
 
-    Why: V1 attention metadata carries no request ids, but the backend must know which
-    request (and so which token view) each batch row is; and the scheduler must hear of
-    blocks that died. How: ``_build_attention_metadata`` (l.2249) first publishes
-    row -> session (``v1/worker/sessions.publish_rows``), creating sessions for new video
-    requests and dropping those the runner no longer holds; ``sample_tokens`` (l.4304)
-    attaches newly reclaimable blocks to its ``ModelRunnerOutput`` (an extra attribute,
-    which survives the pickled transport to the engine core; EMPTY_MODEL_RUNNER_OUTPUT is
-    never touched). Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``)
-    runs on CPU and vLLM has a block-release channel.
+    Why: V1 attention metadata carries no request ids, but tokenzoom must know which request
+    (and so which session and token view) each batch row is; sessions must go when their
+    request does; and the scheduler must hear of blocks that died. How:
+    - ``_update_states`` (l.1175) then drops the sessions of requests the runner no longer
+      holds (finished, aborted; it runs at every scheduler step, an empty one on an idle
+      server included);
+    - ``_build_attention_metadata`` (l.2249) first makes this step's ``Step``: each batch row's
+      session, created for new video requests (``v1/worker/sessions.begin_step``);
+    - ``sample_tokens`` (l.4304) attaches newly reclaimable blocks to its ``ModelRunnerOutput``
+      (an extra attribute, which survives the pickled transport to the engine core; under async
+      scheduling to the output it wraps; EMPTY_MODEL_RUNNER_OUTPUT is never touched).
+    Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU and vLLM
+    has a block-release channel.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner, _PATCHED, False):
         return
+    orig_update = GPUModelRunner._update_states
     orig_build = GPUModelRunner._build_attention_metadata
+    orig_sample = GPUModelRunner.sample_tokens
+
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = orig_update(self, scheduler_output, *args, **kwargs)
+        from vllm_tokenzoom.v1.worker.sessions import release_gone
+
+        release_gone(self.requests)
+        return result
 
     def _build_attention_metadata(self, *args, **kwargs):
-        from vllm_tokenzoom.v1.worker.sessions import publish_rows
+        from vllm_tokenzoom.v1.worker.sessions import begin_step
 
         num_reqs = kwargs.get("num_reqs", args[1] if len(args) > 1 else None)
-        publish_rows(self.input_batch.req_ids[:num_reqs], self.requests, _dp_of(self))
+        begin_step(self, self.input_batch.req_ids[:num_reqs])
         return orig_build(self, *args, **kwargs)
-
-    orig_sample = GPUModelRunner.sample_tokens
 
     def sample_tokens(self, *args, **kwargs):
         """Also report blocks that became reclaimable (scheduler mixin), on the output."""
         output = orig_sample(self, *args, **kwargs)
-        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
         from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR
         from vllm_tokenzoom.v1.worker.sessions import SESSIONS, collect_reclaimable
 
-        if SESSIONS and isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+        target = output._model_runner_output if isinstance(output, AsyncModelRunnerOutput) else output
+        if SESSIONS and isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
             block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
             report = collect_reclaimable(self.requests, block_size)
             if report:
-                setattr(output, REPORT_ATTR, report)
+                setattr(target, REPORT_ATTR, report)
         return output
 
+    GPUModelRunner._update_states = _update_states
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     GPUModelRunner.sample_tokens = sample_tokens
     setattr(GPUModelRunner, _PATCHED, True)
@@ -158,15 +171,6 @@ def _patch_scheduler_cls() -> None:
 
     SchedulerConfig.get_scheduler_cls = get_scheduler_cls
     setattr(SchedulerConfig, _PATCHED, True)
-
-
-def _dp_of(runner):
-    if not hasattr(runner, "_tokenzoom_dp"):
-        from vllm_tokenzoom.config import parse_config
-
-        resolved = getattr(runner.model_config.hf_config, HF_CONFIG_ATTR, None)
-        runner._tokenzoom_dp = parse_config({"tokenzoom": resolved}).dp if resolved is not None else None
-    return runner._tokenzoom_dp
 
 
 def _patch_engine_args() -> None:
@@ -221,12 +225,16 @@ def _patch_engine_args() -> None:
 
         check_vllm_version()
         self.hf_overrides = _with_tokenzoom(self.hf_overrides, config.to_dict())
-        if config.dp is not None:
-            _no_prefix_caching(self)
-            _cuda_backend(self)
-        vllm_config = orig_create(self, *args, **kwargs)
+        from vllm_tokenzoom.engine import check_model, fit_engine_args, refuse_batched_tokens
+
+        fit_engine_args(self, config)
+        try:
+            vllm_config = orig_create(self, *args, **kwargs)
+        except ValueError as e:
+            refuse_batched_tokens(config, e)
+            raise
         _check_architecture(vllm_config.model_config.architectures)
-        _check_layers(config, vllm_config.model_config.hf_text_config.num_hidden_layers)
+        check_model(config, vllm_config)
         logger.info("tokenzoom enabled: %s", config.to_dict())
         return vllm_config
 
@@ -257,44 +265,6 @@ def _with_tokenzoom(hf_overrides, resolved: dict[str, Any]):
 
         return chained
     return {**(hf_overrides or {}), HF_CONFIG_ATTR: resolved}
-
-
-def _no_prefix_caching(engine_args) -> None:
-    """Decode-time pruning changes the KV of generated tokens at layers >= L, so a cached
-    block would no longer match its hash: prefix caching is turned off (refused if asked for)."""
-    from vllm_tokenzoom.errors import TokenZoomConfigError
-
-    if engine_args.enable_prefix_caching:
-        raise TokenZoomConfigError(
-            "tokenzoom method 'dp' cannot run with prefix caching: blocks computed under a pruned view "
-            "do not match their hashes; drop --enable-prefix-caching (tokenzoom turns it off)"
-        )
-    engine_args.enable_prefix_caching = False
-
-
-def _cuda_backend(engine_args) -> None:
-    """On CUDA, decode-time methods need tokenzoom's backend (CUSTOM) and vLLM's V1 model
-    runner (the row -> request hook); not tested here (no GPU), see triton_attn.py."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        return
-    import os
-
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum
-
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # read when the engine's config is built, inherited by its processes
-    engine_args.attention_backend = AttentionBackendEnum.CUSTOM
-
-
-def _check_layers(config, num_layers: int) -> None:
-    from vllm_tokenzoom.errors import TokenZoomConfigError
-
-    if config.dp is not None and config.dp.layer >= num_layers:
-        raise TokenZoomConfigError(
-            f"tokenzoom.methods.dp.layer = {config.dp.layer} is out of range for this model; "
-            f"allowed: 1 <= layer < {num_layers} (its number of decoder layers)"
-        )
 
 
 def _check_architecture(architectures) -> None:

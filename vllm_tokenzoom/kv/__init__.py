@@ -1,4 +1,6 @@
-"""The token view of vLLM's paged KV cache (DESIGN.md §4): multiplicities, plans, applying them."""
-from vllm_tokenzoom.kv.view import KVPlan, TokenView
+"""Per-request KV state, method-agnostic: the token map, the token view, the cache layout."""
+from vllm_tokenzoom.kv.layout import CacheLayout, Segment
+from vllm_tokenzoom.kv.token_map import TokenMap
+from vllm_tokenzoom.kv.view import TokenView
 
-__all__ = ["KVPlan", "TokenView"]
+__all__ = ["CacheLayout", "Segment", "TokenMap", "TokenView"]

@@ -1,120 +1,143 @@
-"""Per request and per layer group, a multiplicity per token position (DESIGN.md §4.2).
+"""The token view of one request (DESIGN.md §4.2): what each layer reads of each visual token.
 
-Attention reads position ``p`` with weight proportional to ``m[p] * exp(q . k_p)``:
-``m = 0`` evicts, ``1`` is normal, ``k`` counts the token k times (a logit bias of
-``log k``), and setting ``m`` above 0 again revives it. KV never moves and positions
-are never renumbered.
+Layer ``l`` reads visual token ``v`` for the query at position ``q`` with multiplicity
 
-Index space: *token positions* only (vLLM's position = RoPE position). Policies speak
-in visual indices; mapping those to positions happens before a plan is built.
+    m(l, q, v) = [death[v] >= l] * prod over policy layers covering l of  value_at(q)[v]
+
+- ``death[v]``: the last layer that computes token ``v`` (prefill policies, permanent; the
+  token's row leaves the batch after it, so later layers never write or read its KV);
+- a *policy layer*: one decode policy's multiplicities for layers ``>= first_layer``, each in
+  force from the query position it was set at: 0 skips the token, 1 reads it, k counts it
+  k times (a logit bias ``log k``); setting it above 0 again revives it, unless the layer is
+  ``permanent``. Each policy edits only its own layer, so no plan erases another's.
+KV never moves and positions are never renumbered. Non-visual tokens always read as 1.
+
+*Compact history*: a policy layer keeps only its distinct values, each with the position
+it starts at, so a recomputation (after preemption) gives every query its view in time
+proportional to the distinct views. Values are settled (deduplicated) between steps.
+
+Index space: *visual indices* (``kv/token_map.py``); tensors live on the scores' device,
+``death`` on the host (it sizes the batch).
 """
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
-@dataclass(frozen=True)
-class KVPlan:
-    """Set ``m[positions] = values`` in one layer group, after resetting it to all-ones if
-    ``reset``. ``permanent``: the positions set to 0 are dead for good in that group (never
-    revived; once a whole block is dead in every group, its memory can be given back).
-    Built by pure functions; :meth:`TokenView.apply` carries it out."""
+@dataclass
+class History:
+    """The distinct values one policy layer took, and from which query position each is in force."""
 
-    group: int
-    positions: torch.Tensor  # [n] int64 token positions
-    values: torch.Tensor  # [n] float32 multiplicities, >= 0
-    reset: bool = False
-    permanent: bool = False
-
-    def __post_init__(self):
-        if self.positions.shape != self.values.shape or self.positions.dim() != 1:
-            raise ValueError(f"positions {tuple(self.positions.shape)} and values {tuple(self.values.shape)} must be equal 1-D")
-        if self.values.numel() and float(self.values.min()) < 0:
-            raise ValueError("multiplicities must be >= 0")
-
-
-class TokenView:
-    """The multiplicities of one request. Layer group ``g`` covers layers
-    ``[group_starts[g], group_starts[g + 1])``; group 0 starts at layer 0.
-
-    Every plan is applied *at* a token position: the view in force for the query at
-    that position and later ones. The history lets a recomputation (after preemption)
-    give each query the view it had: :meth:`at`.
-    """
-
-    def __init__(self, group_starts: tuple[int, ...] = (0,)):
-        if not group_starts or group_starts[0] != 0 or list(group_starts) != sorted(set(group_starts)):
-            raise ValueError(f"group starts must be increasing from 0, got {group_starts}")
-        self.group_starts = tuple(group_starts)
-        self._m: list[torch.Tensor | None] = [None] * len(group_starts)  # None: all ones
-        self._dead: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool) for _ in group_starts]
-        self.history: list[tuple[int, KVPlan]] = []  # (query position, plan), in order
-        self.version = 0  # bumped by every plan: lets readers cache what they derive from the view
-
-    def group_of(self, layer: int) -> int:
-        return bisect.bisect_right(self.group_starts, layer) - 1
-
-    def multiplicity(self, layer: int, length: int) -> torch.Tensor | None:
-        """[length] float32 multiplicities of positions ``0..length-1`` for ``layer``;
-        ``None`` when they are all 1 (positions never planned are 1)."""
-        m = self._m[self.group_of(layer)]
-        if m is None:
-            return None
-        if m.numel() >= length:
-            return m[:length]
-        return torch.cat((m, torch.ones(length - m.numel())))
+    starts: list[int] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)  # [V] float32, None = all ones
+    pending: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
 
     @property
     def last_position(self) -> int:
-        """Position of the query the last plan was applied at (-1: none)."""
-        return self.history[-1][0] if self.history else -1
+        if self.pending:
+            return self.pending[-1][0]
+        return self.starts[-1] if self.starts else -1
 
-    def at(self, position: int) -> "TokenView":
-        """The view as it was for the query at ``position``."""
-        if position >= self.last_position:
-            return self
-        view = TokenView(self.group_starts)
-        for at, plan in self.history:
-            if at > position:
-                break
-            view.apply(plan, at)
-        return view
+    def push(self, position: int, value: torch.Tensor | None) -> None:
+        if position <= self.last_position:
+            raise ValueError(f"views are set in position order: {position} after {self.last_position}")
+        self.pending.append((position, value))
 
-    def apply(self, plan: KVPlan, at_position: int) -> None:
-        if at_position < self.last_position:
-            raise ValueError(f"plans apply in position order: {at_position} after {self.last_position}")
-        dead = self._dead[plan.group]
-        revived = plan.positions[(plan.positions < dead.numel()) & (plan.values > 0)]
-        if revived.numel() and bool(dead[revived].any()):
-            raise ValueError(f"positions {revived[dead[revived]].tolist()} are permanently evicted in group {plan.group}")
-        self.history.append((at_position, plan))
-        self.version += 1
-        group = plan.group
-        m = None if plan.reset else self._m[group]
-        needed = max(int(plan.positions.max()) + 1 if plan.positions.numel() else 0, dead.numel())
-        if plan.positions.numel() or (plan.reset and dead.any()):
-            m = torch.ones(needed) if m is None else torch.cat((m, torch.ones(max(needed - m.numel(), 0))))
-            m[plan.positions] = plan.values.float()
-            m[:dead.numel()][dead] = 0.0  # a reset never revives the dead
-        if plan.permanent and plan.positions.numel():
-            grown = torch.zeros(needed, dtype=torch.bool)
-            grown[:dead.numel()] = dead
-            grown[plan.positions[plan.values == 0]] = True
-            self._dead[group] = grown
-        self._m[group] = None if m is None or bool((m == 1).all()) else m
+    def settle(self) -> None:
+        """Fold pending values in, dropping those equal to the value before (a host sync, between steps)."""
+        for position, value in self.pending:
+            last = self.values[-1] if self.values else None
+            if self.values and (value is last or (value is not None and last is not None and torch.equal(value, last))):
+                continue
+            self.starts.append(position)
+            self.values.append(value)
+        self.pending.clear()
 
-    def dead_everywhere(self, length: int) -> torch.Tensor:
-        """[length] bool: positions permanently evicted in every layer group."""
-        out = torch.ones(length, dtype=torch.bool)
-        for dead in self._dead:
-            padded = torch.zeros(length, dtype=torch.bool)
-            padded[:min(length, dead.numel())] = dead[:length]
-            out &= padded
+    def at(self, position: int) -> torch.Tensor | None:
+        """The value in force for the query at ``position`` (None: all ones, or never set)."""
+        for start, value in reversed(self.pending):
+            if start <= position:
+                return value
+        i = bisect.bisect_right(self.starts, position) - 1
+        return self.values[i] if i >= 0 else None
+
+
+@dataclass
+class PolicyLayer:
+    first_layer: int
+    permanent: bool = False  # zeros can never be revived (their blocks may be given back)
+    history: History = field(default_factory=History)
+    forever: torch.Tensor | None = None  # [V] bool, permanent zeros so far
+
+
+class TokenView:
+    def __init__(self, num_visual: int, num_layers: int):
+        self.num_visual, self.num_layers = num_visual, num_layers
+        self.death = torch.full((num_visual,), num_layers - 1, dtype=torch.int64)  # [V], host
+        self.layers: dict[str, PolicyLayer] = {}
+        self.death_version = 0
+
+    # -- prefill: death layers ----------------------------------------------------------
+    def drop_after(self, dropped: torch.Tensor, layer: int) -> None:
+        """dropped: [V] bool; their rows leave the batch after ``layer`` (never revived)."""
+        dropped = dropped.to("cpu", torch.bool) & (self.death > layer)
+        if bool(dropped.any()):
+            self.death[dropped] = layer
+            self.death_version += 1
+
+    def alive(self, layer: int) -> torch.Tensor:
+        """[V] bool: the visual tokens layer ``layer`` computes."""
+        return self.death >= layer
+
+    # -- decode: policy layers ----------------------------------------------------------
+    def push(self, name: str, first_layer: int, position: int, value: torch.Tensor | None,
+             permanent: bool = False) -> None:
+        """From the query at ``position`` on, layers ``>= first_layer`` read ``value`` [V] (None: all ones)
+        for policy ``name``."""
+        layer = self.layers.setdefault(name, PolicyLayer(first_layer, permanent))
+        if (layer.first_layer, layer.permanent) != (first_layer, permanent):
+            raise ValueError(f"policy layer {name!r} covers layers >= {layer.first_layer}, permanent={layer.permanent}")
+        if permanent and value is not None:
+            zeros = value == 0
+            if layer.forever is not None:
+                revived = layer.forever & ~zeros
+                if bool(revived.any()):
+                    raise ValueError(f"visual tokens {revived.nonzero().flatten().tolist()} are permanently evicted "
+                                     f"in policy layer {name!r}")
+                zeros = zeros | layer.forever
+            layer.forever = zeros
+        layer.history.push(position, value)
+
+    def settle(self) -> None:
+        for layer in self.layers.values():
+            layer.history.settle()
+
+    def factors(self, layer: int, position: int) -> tuple[torch.Tensor, ...]:
+        """The values whose product layer ``layer`` reads for the query at ``position`` (empty: all
+        ones). The same objects for the same view, so callers may cache by their identities."""
+        return tuple(v for p in self.layers.values() if layer >= p.first_layer
+                     for v in (p.history.at(position),) if v is not None)
+
+    def multiplicity(self, layer: int, position: int) -> torch.Tensor | None:
+        """[V] float32 the policy layers' product for the query at ``position`` at ``layer``;
+        None when all ones. (Death layers are not in it: a dead token is not in the layer's cache.)"""
+        out = None
+        for value in self.factors(layer, position):
+            out = value if out is None else out * value
         return out
 
     @property
-    def modified(self) -> bool:
-        return any(m is not None for m in self._m)
+    def last_position(self) -> int:
+        return max((p.history.last_position for p in self.layers.values()), default=-1)
+
+    def dead_everywhere(self) -> torch.Tensor:
+        """[V] bool: tokens no layer will read again, for any later query (permanent zeros of a
+        policy layer that covers every layer)."""
+        out = torch.zeros(self.num_visual, dtype=torch.bool)
+        for p in self.layers.values():
+            if p.permanent and p.first_layer == 0 and p.forever is not None:
+                out |= p.forever.cpu()
+        return out

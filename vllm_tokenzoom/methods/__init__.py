@@ -1,20 +1,45 @@
 """One policy per method: a frozen dataclass whose fields are the method's settings.
 
 Policies are pure: tensors or counts in, decisions out. They never touch vLLM state.
-Adding a method: a file here, an entry in ``IMPLEMENTED`` (and in a preset if it
-belongs to one, ``vllm_tokenzoom/config.py``), its dense reference in
-``vllm_tokenzoom/reference/``, and the model or KV hook that applies it.
+Each declares its stage, the scores it needs and its engine requirements (``base.py``).
+Adding a method (docs/architecture.md, "Adding a method"): a file here, one line in
+``REGISTRY``, its dense reference in ``vllm_tokenzoom/reference/``, its tests.
 """
+from vllm_tokenzoom.methods.base import (
+    DecodePolicy,
+    KeptTokens,
+    Policy,
+    PreLLMPolicy,
+    PrefillPolicy,
+    Queries,
+    Requirements,
+    ScoreRequest,
+    Stage,
+)
 from vllm_tokenzoom.methods.baselines import FrameSampling, RandomDrop, SpatialPool
 from vllm_tokenzoom.methods.dp import DP
+from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
 
 # config name -> policy class, for the methods that work today (the last three are baselines)
-IMPLEMENTED = {"ttm": TTM, "dp": DP, "random_drop": RandomDrop, "frame_sampling": FrameSampling,
-               "spatial_pool": SpatialPool}
-# the methods that prune the video before the LLM; a config enables at most one of them
-PRE_LLM = ("ttm", "random_drop", "frame_sampling", "spatial_pool")
+REGISTRY: dict[str, type[Policy]] = {
+    "ttm": TTM,
+    "fastv": FastV,
+    "dp": DP,
+    "random_drop": RandomDrop,
+    "frame_sampling": FrameSampling,
+    "spatial_pool": SpatialPool,
+}
 # names reserved for the methods of the roadmap (README "Methods")
-PLANNED = ("fastv", "vas", "ata", "voa")
+PLANNED = ("vas", "ata", "voa")
+# at most one policy per config for these stages (one pre-LLM plan per video, one death-layer writer)
+ONE_PER_CONFIG = (Stage.PRE_LLM, Stage.PREFILL)
 
-__all__ = ["DP", "IMPLEMENTED", "PLANNED", "PRE_LLM", "TTM", "FrameSampling", "RandomDrop", "SpatialPool"]
+
+def of_stage(stage: Stage) -> tuple[str, ...]:
+    return tuple(name for name, cls in REGISTRY.items() if cls.stage is stage)
+
+
+__all__ = ["DP", "FastV", "PLANNED", "REGISTRY", "TTM", "DecodePolicy", "FrameSampling", "KeptTokens", "Policy",
+           "PreLLMPolicy", "PrefillPolicy", "Queries", "RandomDrop", "Requirements", "ScoreRequest", "SpatialPool",
+           "Stage", "of_stage"]

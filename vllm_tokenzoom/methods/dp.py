@@ -14,8 +14,8 @@ below ``threshold`` (and at the first decode step). Otherwise:
   the official code does (KD-TAO/DyCoke ``modeling_qwen2.py``: ``kv_cache`` stays None).
 The previous-step vector is updated at every step, in both variants.
 
-Index space: ``scores`` and selections are *visual indices* (the request's i-th visual
-token); mapping them to token positions is the KV view's job.
+Index space: ``scores`` and the multiplicity are over *visual indices* (the request's
+v-th visual token); mapping them to token positions is the token map's job.
 """
 from __future__ import annotations
 
@@ -24,27 +24,21 @@ from dataclasses import dataclass
 import torch
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
+from vllm_tokenzoom.methods.base import DecodePolicy, Queries, ScoreRequest, check_choice, check_ratio
 
 VARIANTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
 class DPState:
-    """What a request carries from one decode step to the next."""
+    """What a request carries from one decode step to the next (all on the scores' device)."""
 
-    last_scores: torch.Tensor | None = None  # [V] the previous step's visual-attention vector
-    selection: torch.Tensor | None = None  # [k] sorted visual indices in force (None: all)
-
-
-@dataclass(frozen=True)
-class DPDecision:
-    selection: torch.Tensor | None  # [k] visual indices layers >= L attend to this step; None: all
-    reselected: bool  # True when this step chose a new selection
-    state: DPState  # carry to the next step
+    last_scores: torch.Tensor  # [V] the previous step's visual-attention vector
+    selection: torch.Tensor  # [V] bool, the selection in force (the last one chosen)
 
 
 @dataclass(frozen=True)
-class DP:
+class DP(DecodePolicy):
     """Settings of DyCoke's dynamic pruning.
 
     Parameters
@@ -59,12 +53,10 @@ class DP:
     variant : str
         ``"paper"`` (reuse the selection on stable steps) or ``"official"`` (full attention).
     key_copy : bool
-        How the pruned layers are computed, not what they compute. On CPU, keep per
-        request a token-major copy of the visual tokens' K for layers ``>= L`` (vLLM's CPU
-        K layout is transposed, so reading a scattered 30% of it costs about as much as
-        reading all of it). Memory outside vLLM's KV pool: visual tokens x (layers - L) x
-        KV heads x head size x dtype bytes per request, about 40% of the request's KV with
-        the preset on Qwen2 models. No effect on output, nor on CUDA (token-major K).
+        An execution setting, not a semantic one (no effect on output, nor on CUDA): on CPU,
+        keep per request a token-major copy of the visual tokens' K for layers ``>= L``
+        (vLLM's CPU K layout makes a scattered keep set as slow to read as all of it).
+        Memory outside vLLM's KV pool, about 40% of the request's KV with the preset.
     """
 
     layer: int = 3
@@ -76,21 +68,26 @@ class DP:
     def __post_init__(self):
         if self.layer < 1:
             raise TokenZoomConfigError(f"layer = {self.layer!r} is out of range; allowed: layer >= 1")
-        if not 0.0 <= self.prune_ratio < 1.0:
-            raise TokenZoomConfigError(
-                f"prune_ratio = {self.prune_ratio!r} is out of range; allowed: 0.0 <= prune_ratio < 1.0"
-            )
-        if not -1.0 <= self.threshold <= 1.0:
-            raise TokenZoomConfigError(f"threshold = {self.threshold!r} is out of range; allowed: -1.0 <= threshold <= 1.0")
-        if self.variant not in VARIANTS:
-            raise TokenZoomConfigError(
-                f"variant = {self.variant!r} is not known; allowed: {', '.join(map(repr, VARIANTS))}"
-            )
+        check_ratio("prune_ratio", self.prune_ratio)
+        check_ratio("threshold", self.threshold, -1.0, 1.0, high_open=False)
+        check_choice("variant", self.variant, VARIANTS)
+
+    def check_model(self, num_layers: int) -> None:
+        if self.layer >= num_layers:
+            raise TokenZoomConfigError(f"layer = {self.layer} is out of range for this model; "
+                                       f"allowed: 1 <= layer < {num_layers} (its number of decoder layers)")
 
     @property
     def score_layer(self) -> int:
         """Index of the layer whose attention decides."""
         return self.layer - 1
+
+    @property
+    def first_layer(self) -> int:
+        return self.layer
+
+    def score_requests(self) -> tuple[ScoreRequest, ...]:
+        return (ScoreRequest(self.score_layer, Queries.DECODE),)
 
     def num_kept(self, num_visual: int) -> int:
         return int(num_visual * (1.0 - self.prune_ratio))
@@ -100,21 +97,26 @@ class DP:
         all of them in layers < L, ``num_kept`` in the others."""
         return (self.layer * num_visual + (num_layers - self.layer) * self.num_kept(num_visual)) / num_layers
 
-    def decide(self, scores: torch.Tensor, state: DPState) -> DPDecision:
-        """scores: [V] float attention mass of the current query on each visual token
-        (head-averaged, at the score layer). Pure: returns the decision and the next state."""
+    def step(self, scores: torch.Tensor, state: DPState | None) -> tuple[torch.Tensor, DPState]:
+        """scores: [V] attention mass of the current query on each visual token (head mean,
+        at the score layer). -> (multiplicity [V] float32 for layers >= L: 1 read, 0 skipped;
+        the next state). Pure, and free of host synchronisation: the stable/unstable branch is
+        a ``torch.where`` on the scores' device."""
         scores = scores.float()
-        stable = state.last_scores is not None and float(
-            torch.nn.functional.cosine_similarity(scores, state.last_scores.float(), dim=0)
-        ) >= self.threshold
-        if stable:
-            selection = state.selection if self.variant == "paper" else None
-            return DPDecision(selection, False, DPState(scores, state.selection))
-        selection = top_k_visual(scores, self.num_kept(scores.numel()))
-        return DPDecision(selection, True, DPState(scores, selection))
+        chosen = top_k_mask(scores, self.num_kept(scores.numel()))
+        if state is None:
+            return chosen.float(), DPState(scores, chosen)
+        cosine = torch.nn.functional.cosine_similarity(scores, state.last_scores, dim=0)
+        stable = cosine >= self.threshold  # 0-d bool
+        selection = torch.where(stable, state.selection, chosen)
+        if self.variant == "paper":
+            return selection.float(), DPState(scores, selection)
+        return torch.where(stable, torch.ones_like(scores), chosen.float()), DPState(scores, selection)
 
 
-def top_k_visual(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[V] scores -> [k] sorted visual indices of the k largest (ties: the earlier index)."""
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[V] scores -> [V] bool marking the k largest (ties: the earlier index)."""
     order = torch.argsort(scores, descending=True, stable=True)
-    return order[:k].sort().values
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask

@@ -17,8 +17,9 @@ Two variants (``variant``):
   Kept tokens keep their spatial order here too (the official code orders them by
   similarity, which changes no count).
 
-Index space: the plan is a list of *visual indices* ``v = frame * N + spatial``, into
-the video's unpruned ``T * N`` tokens (the trailing newline token is not part of it).
+Index space: the plan is a list of *source indices* ``frame * N + cell``, into the
+video's unpruned ``T * N`` tokens (the trailing newline token is not part of it);
+:meth:`TTM.apply` returns them as frames and cells (``KeptTokens``).
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_tokenzoom.errors import TokenZoomConfigError
+from vllm_tokenzoom.methods.base import KeptTokens, PreLLMPolicy, check_choice, check_ratio
 
 VARIANTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
-class TTM:
+class TTM(PreLLMPolicy):
     """Settings of TTM.
 
     Parameters
@@ -47,14 +48,8 @@ class TTM:
     variant: str = "paper"
 
     def __post_init__(self):
-        if not 0.0 <= self.prune_ratio < 1.0:
-            raise TokenZoomConfigError(
-                f"prune_ratio = {self.prune_ratio!r} is out of range; allowed: 0.0 <= prune_ratio < 1.0"
-            )
-        if self.variant not in VARIANTS:
-            raise TokenZoomConfigError(
-                f"variant = {self.variant!r} is not known; allowed: {', '.join(map(repr, VARIANTS))}"
-            )
+        check_ratio("prune_ratio", self.prune_ratio)
+        check_choice("variant", self.variant, VARIANTS)
 
     def tokens_kept_per_pruned_frame(self, tokens_per_frame: int) -> int:
         return int((1.0 - self.prune_ratio) * tokens_per_frame)
@@ -80,16 +75,17 @@ class TTM:
         """Choose the visual tokens that survive.
 
         frames: [T, N, D] per-frame visual tokens (projector output after pooling).
-        returns: [num_kept_tokens(T, N)] int64 visual indices ``frame * N + spatial``,
-            frame by frame in temporal order, spatial order kept inside a frame.
+        returns: [num_kept_tokens(T, N)] int64 source indices ``frame * N + cell``, on
+            ``frames.device``, frame by frame in temporal order, spatial order kept inside a frame.
         """
         num_frames, n, _ = frames.shape
         plan = self.frame_plan(num_frames)
         pruned = [(f, ref) for f, ref in plan if ref is not None]
         kept_spatial: dict[int, torch.Tensor] = {}
+        device = frames.device
         if pruned:
-            frame_ids = torch.tensor([f for f, _ in pruned])
-            ref_ids = torch.tensor([r for _, r in pruned])
+            frame_ids = torch.tensor([f for f, _ in pruned], device=device)
+            ref_ids = torch.tensor([r for _, r in pruned], device=device)
             # [P, N]: similarity of each token to the token at the same position in its reference
             sim = torch.nn.functional.cosine_similarity(
                 frames[frame_ids].float(), frames[ref_ids].float(), dim=-1
@@ -98,14 +94,14 @@ class TTM:
             # the `keep` least similar tokens (stable, so ties resolve by position), in spatial order
             chosen = torch.argsort(sim, dim=-1, stable=True)[:, :keep].sort(dim=-1).values  # [P, keep]
             kept_spatial = {f: chosen[i] for i, (f, _) in enumerate(pruned)}
-        every = torch.arange(n)
+        every = torch.arange(n, device=device)
         parts = [f * n + kept_spatial.get(f, every) for f, _ in plan]
         return torch.cat(parts).to(torch.int64)
 
-    def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames: [T, N, D] -> (kept tokens [K, D], their visual indices [K])."""
+    def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, KeptTokens]:
+        """frames: [T, N, D] -> (kept tokens [K, D], their frames and cells)."""
         kept = self.plan(frames)
-        return frames.flatten(0, 1)[kept.to(frames.device)], kept
+        return frames.flatten(0, 1)[kept], KeptTokens.from_source(kept, frames.shape[1])
 
 
 def _paper_reference(frame: int) -> int | None:

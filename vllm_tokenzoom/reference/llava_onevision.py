@@ -9,22 +9,30 @@ code does (features pruned before the sequence is built, positions contiguous).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from vllm_tokenzoom.methods.dp import DP
+from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
-from vllm_tokenzoom.reference.dp_attention import dp_attention
+from vllm_tokenzoom.reference.attention import reference_attention
+from vllm_tokenzoom.reference.dp import DPReference
+from vllm_tokenzoom.reference.fastv import FastVReference
 
 
 @dataclass(frozen=True)
 class ReferenceOutput:
     tokens: list[int]  # greedy new tokens
     num_prompt_tokens: int
-    kept: torch.Tensor | None  # [K] visual indices kept by TTM (None without TTM)
-    dp_trace: list | None = None  # per decode step: (query position, selected visual indices or None)
+    kept: torch.Tensor | None  # [K] source indices kept by the pre-LLM policy (None without one)
+    traces: dict = field(default_factory=dict)  # in-LLM method -> its decisions (see reference/<method>.py)
+
+    @property
+    def dp_trace(self) -> list | None:
+        """Per decode step: (query position, visual indices layers >= L read, or None: all)."""
+        return self.traces.get("dp")
 
 
 class DenseLlavaOnevision:
@@ -51,7 +59,7 @@ class DenseLlavaOnevision:
         num_frames = pixels.shape[1]
         tokens, newline = pooled[:-1], pooled[-1:]
         kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
-        return torch.cat((kept_tokens, newline)), kept
+        return torch.cat((kept_tokens, newline)), kept.source
 
     def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None):
         """-> (ids [1, L] with the video's placeholders, inputs_embeds [1, L, D], kept visual indices or None)."""
@@ -82,19 +90,22 @@ class DenseLlavaOnevision:
 
     @torch.inference_mode()
     def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
-                 max_new_tokens: int = 16, dp: DP | None = None) -> ReferenceOutput:
+                 max_new_tokens: int = 16, dp: DP | None = None, fastv: FastV | None = None) -> ReferenceOutput:
         """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
-        ``ttm`` prunes the video before the LLM, ``dp`` prunes attention during decode."""
+        ``ttm`` prunes the video before the LLM, ``fastv`` inside it during prefill, ``dp`` during decode."""
         ids, inputs_embeds, kept = self.prompt_embeds(video, prompt, ttm)
         video_id = self.model.config.video_token_index
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
                       pad_token_id=self.model.generation_config.pad_token_id)
-        if dp is None:
-            out = self.model.generate(**kwargs)
-            return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept)
         visual = (ids[0] == video_id).nonzero().squeeze(1)[:-1]  # the video's tokens but its newline
-        with dp_attention(self.model, dp, visual, ids.shape[1]) as state:
+        n = ids.shape[1]
+        hooks = [cls(policy, visual, n) for cls, policy in ((FastVReference, fastv), (DPReference, dp))
+                 if policy is not None]
+        if not hooks:
             out = self.model.generate(**kwargs)
-        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=ids.shape[1], kept=kept,
-                               dp_trace=state.trace)
+            return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept)
+        with reference_attention(self.model, hooks):
+            out = self.model.generate(**kwargs)
+        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept,
+                               traces={h.name: h.trace for h in hooks})

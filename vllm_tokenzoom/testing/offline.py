@@ -7,7 +7,8 @@ load general plugins only once; each run therefore gets its own process:
 
 Child side (``python -m vllm_tokenzoom.testing.offline`` with a JSON job on stdin): one
 ``LLM`` in fp32, eager, in-process engine; requests run one at a time, so each kept-token
-trace (``TokenZoomLlavaOnevision.tokenzoom_trace``) belongs to its request.
+trace (``TokenZoomLlavaOnevision.tokenzoom_trace``) and, with ``trace=True``, each in-LLM
+method's decision log (``v1/worker/sessions.TRACES``) belongs to its request.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ ENV = {
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
                 batch: bool | int = False, env: dict[str, str] | None = None, preload: list[str] = (),
-                timeout: float = 600) -> dict[str, Any]:
+                timeout: float = 600, trace: bool = False) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
     ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
     ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
@@ -38,10 +39,11 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
     ``batch=N`` sends them N at a time (each video's pixels are held until it is encoded).
     ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``). ``preload``: modules
     the child imports before it builds the engine (test hooks; the engine runs in the
-    child's own process); a module's ``report()`` result comes back under ``reports``."""
+    child's own process); a module's ``report()`` result comes back under ``reports``.
+    ``trace``: each result carries ``traces`` (method -> decisions) and ``dp_trace``."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
                llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch, preload=list(preload))
-    env = {**os.environ, **ENV, **(env or {})}
+    env = {**os.environ, **ENV, **({"TOKENZOOM_TRACE": "1"} if trace else {}), **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
     proc = subprocess.run([sys.executable, "-m", "vllm_tokenzoom.testing.offline"], input=json.dumps(job),
@@ -105,7 +107,7 @@ def _child() -> None:
                     num_preemptions=getattr(out.metrics, "num_preemptions", None),
                     decode_s=_decode_seconds(out),
                     kept=_last_kept(llm) if traced and traces else None,
-                    dp_trace=_dp_trace(llm) if traces else None)
+                    **_traces(llm, traces))
 
     def run(req):
         prompt = prompt_of(req)
@@ -142,22 +144,23 @@ def _has_trace(llm) -> bool:
     return llm.apply_model(lambda m: getattr(m, "tokenzoom_pre_llm", None) is not None)[0]
 
 
-def _dp_trace(llm):
-    """DyCoke's per-step selections of the request that just finished (its session lives
-    until the engine's next step), or None without a session."""
-    def read(model):
-        from vllm_tokenzoom.v1.worker.sessions import SESSIONS
+def _traces(llm, wanted: bool) -> dict:
+    """The in-LLM methods' decisions for the request that just finished (``TOKENZOOM_TRACE=1``)."""
+    if not wanted or os.environ.get("TOKENZOOM_TRACE") != "1":
+        return dict(traces=None, dp_trace=None)
 
-        return [s.trace for s in SESSIONS.values()]
+    def read(model):
+        from vllm_tokenzoom.v1.worker.sessions import TRACES
+
+        return list(TRACES.values())[-1] if TRACES else None
 
     traces = llm.apply_model(read)[0]
-    return traces[-1] if traces else None
+    return dict(traces=traces, dp_trace=None if traces is None else traces.get("dp"))
 
 
 def _last_kept(llm) -> list[int]:
     def read(model):
-        kept = model.tokenzoom_trace[-1]
-        return None if kept is None else kept.tolist()
+        return model.tokenzoom_trace[-1].source.tolist()
 
     return llm.apply_model(read)[0]
 

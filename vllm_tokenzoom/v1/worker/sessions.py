@@ -1,149 +1,189 @@
-"""Worker-side tokenzoom state of each running request (decode-time methods).
+"""Worker-side state of each running request that an in-LLM policy acts on.
 
-A :class:`RequestSession` holds one request's token view and the state its decode-time
-policy carries between steps. The model-runner hook (``patches.py``) publishes, before
-each step's attention metadata is built, which session each batch row belongs to
-(``current_rows``), creates sessions for new requests and drops those vLLM no longer
-holds (finished, aborted). A preempted request keeps its session: when vLLM recomputes
-it, each generated position gets back the view it had (``TokenView.at``).
-
-On CPU a session also holds, per pruned layer, a token-major copy of its visual tokens' K
-(``ops.KeyCopy``; DyCoke's ``key_copy`` setting): vLLM's CPU K layout makes a scattered keep
-set as slow to read as the whole cache, the copy makes it cost what it keeps. Made at the
-first decode step that prunes the layer, dropped with the session or when the request's
-blocks are replaced (preemption: the KV is recomputed).
+A :class:`RequestSession` knows no method. It owns, per request:
+- the token map (position -> video, frame, cell; ``kv/token_map.py``), fed from the pre-LLM
+  plan the model attached to the request's encoder output;
+- the token view (``kv/view.py``): death layers from prefill policies, one multiplicity
+  layer per decode policy, composed by product; and the cache layout it implies (``kv/layout.py``);
+- score routing: which queries of a batch row each policy wants scores of, at which layer;
+- the policies' decisions, made between layers from the scores the backend handed back
+  (:meth:`decide`), stored so a request recomputed after preemption is never re-decided;
+- key copies (CPU), reclaimed-block bookkeeping, and an opt-in trace (``TOKENZOOM_TRACE=1``).
+Sessions are created by the model-runner hook for requests with a video when the engine's
+config has prefill or decode policies, kept across preemption (the runner keeps the
+request's state), and released when the runner drops the request (finished or aborted;
+``release_gone``, run at every scheduler step, also an empty one on an idle server).
 """
 from __future__ import annotations
 
+import collections
+import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from typing import Any
 
 import torch
 
-from vllm_tokenzoom.kv.view import KVPlan, TokenView
-from vllm_tokenzoom.methods.dp import DP, DPState
+from vllm_tokenzoom.kv.layout import CacheLayout, Segment
+from vllm_tokenzoom.kv.token_map import TokenMap
+from vllm_tokenzoom.kv.view import TokenView
+from vllm_tokenzoom.methods.base import DecodePolicy, PrefillPolicy, Queries
 from vllm_tokenzoom.ops import KeyCopy, copy_keys, rows_of
 
 SESSIONS: dict[str, "RequestSession"] = {}
-_ROWS: list["RequestSession | None"] = []  # batch row -> session, this step
+# opt-in decision log of the most recent requests (tests, debugging): req_id -> {policy: [...]}
+TRACES: collections.OrderedDict[str, dict[str, list]] = collections.OrderedDict()
+_TRACE_KEEP = 256
 
 
-@dataclass
+def tracing() -> bool:
+    return os.environ.get("TOKENZOOM_TRACE") == "1"
+
+
+@dataclass(eq=False)
 class RequestSession:
     req_id: str
-    num_prompt_tokens: int
-    visual_positions: torch.Tensor  # [V] int64 token positions of the request's visual tokens
-    dp: DP
+    token_map: TokenMap
+    num_layers: int
+    prefill: dict[str, PrefillPolicy]
+    decode: dict[str, DecodePolicy]
     view: TokenView = field(init=False)
-    dp_state: DPState = field(default_factory=DPState)
-    # per decode step: (position of the query, selection in force as visual indices or None)
-    trace: list[tuple[int, list[int] | None]] = field(default_factory=list)
+    states: dict[str, Any] = field(default_factory=dict)
+    prefill_done: bool = False  # the prefill policies decided (a recompute replays, never re-decides)
+    decided_at: dict[str, int] = field(default_factory=dict)  # decode policy -> last position it decided at
+    key_copies: dict[int, KeyCopy] = field(default_factory=dict)  # layer -> K of the alive visual tokens
+    copied_blocks: tuple = ()  # the physical blocks the copies were read from
     reported_blocks: set[int] = field(default_factory=set)  # logical blocks handed back to the scheduler
-    # layers at which a policy wants, during prefill, the attention mass each visual token
-    # gets from the text queries (the prompt after the video), averaged over heads and queries
-    prefill_score_layers: frozenset[int] = frozenset()
-    prefill_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [V] running sum
-    prefill_score_queries: dict[int, int] = field(default_factory=dict)  # layer -> text queries summed
-    # the last multiplicities handed out: every layer of a group reads the same ones in a step
-    _cached: tuple = field(default=(None, None), repr=False)
-    key_copies: dict[int, KeyCopy] = field(default_factory=dict)  # layer -> K of the visual tokens
-    block_ids: object = field(default=None, repr=False)  # vLLM's block ids object the copies were read from
+    _layout: tuple = (None, None)
+    _multiplicities: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self.view = TokenView((0, self.dp.layer))  # group 0: layers < L (full), group 1: layers >= L
-
-    def undecided_query(self, layer: int, first_query: int, seq_len: int) -> int | None:
-        """Row-local index of the query DyCoke must decide for at this layer, if any: the
-        last query of the row when it is a generated position not decided yet. (A decode
-        step; or the last query of a recomputation after preemption, whose earlier
-        generated positions were decided before.)"""
-        last = seq_len - 1
-        if layer != self.dp.score_layer or last < self.num_prompt_tokens or last <= self.view.last_position:
-            return None
-        return last - first_query
+        self.view = TokenView(self.token_map.num_visual, self.num_layers)
+        if tracing():
+            TRACES[self.req_id] = {name: [] for name in (*self.prefill, *self.decode)}
+            while len(TRACES) > _TRACE_KEEP:
+                TRACES.popitem(last=False)
 
     @property
-    def first_text_position(self) -> int:
-        return int(self.visual_positions[-1]) + 2  # past the last visual token and the video's newline
+    def num_prompt_tokens(self) -> int:
+        return self.token_map.num_prompt_tokens
 
-    def text_queries(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
-        """Row-local indices of this row's text queries whose scores a policy wants here."""
-        if layer not in self.prefill_score_layers:
+    @property
+    def layout(self) -> CacheLayout:
+        version, layout = self._layout
+        if version != self.view.death_version:
+            layout = CacheLayout(self.token_map, self.view.death, self.num_layers)
+            self._layout = (self.view.death_version, layout)
+        return layout
+
+    # -- score routing ---------------------------------------------------------------------
+    def score_queries(self, layer: int, first: int, last: int) -> list[tuple[str, list[int]]]:
+        """(policy, query positions) whose scores a policy wants at ``layer`` from a batch row
+        computing positions ``first..last``."""
+        out = []
+        n = self.num_prompt_tokens
+        if not self.prefill_done:
+            for name, policy in self.prefill.items():
+                for ask in policy.score_requests():
+                    if ask.layer != layer:
+                        continue
+                    if ask.queries is Queries.LAST_PROMPT and first <= n - 1 <= last:
+                        out.append((name, [n - 1]))
+                    elif ask.queries is Queries.TEXT_AFTER_VIDEO:
+                        lo, hi = max(first, self.token_map.first_text_position), min(last + 1, n)
+                        if hi > lo and last >= n - 1:
+                            out.append((name, list(range(lo, hi))))
+        for name, policy in self.decode.items():
+            for ask in policy.score_requests():
+                if ask.layer == layer and last >= n and last > self.decided_at.get(name, -1):
+                    out.append((name, [last]))
+        return out
+
+    # -- decisions (between layers) ----------------------------------------------------------
+    def decide(self, name: str, layer: int, position: int, scores: torch.Tensor) -> None:
+        """scores: [V] fp32, summed over the queries the policy asked for at ``layer``."""
+        if name in self.prefill:
+            dropped, self.states[name] = self.prefill[name].decide(layer, scores, self.states.get(name))
+            if dropped is not None:
+                self.view.drop_after(dropped, layer)
+                self._trace(name, (layer, (~dropped).nonzero().flatten().tolist()))
+            return
+        policy = self.decode[name]
+        value, self.states[name] = policy.step(scores, self.states.get(name))
+        self.view.push(name, policy.first_layer, position, value)
+        self.decided_at[name] = position
+        self._trace(name, (position, None if value is None or bool((value == 1).all())
+                           else value.nonzero().flatten().tolist()))
+
+    def _trace(self, name: str, entry) -> None:
+        if tracing() and self.req_id in TRACES:
+            TRACES[self.req_id].setdefault(name, []).append(entry)
+
+    # -- what the attention reads --------------------------------------------------------------
+    def multiplicity(self, layer: int, position: int, segment: Segment, cache_len: int) -> torch.Tensor | None:
+        """[cache_len] float32 multiplicities over the segment's cache indices for the query at
+        ``position`` (None: all ones). The same object for the same view within a step."""
+        factors = self.view.factors(layer, position)
+        if not factors:
             return None
-        lo, hi = max(first_query, self.first_text_position), min(seq_len, self.num_prompt_tokens)
-        return torch.arange(lo, hi) - first_query if hi > lo else None
+        key = (id(segment), cache_len, *map(id, factors))
+        hit = self._multiplicities.get(key)
+        if hit is not None:
+            return hit[1]
+        if len(self._multiplicities) > 64:
+            self._multiplicities.clear()
+        visual = self.view.multiplicity(layer, position)  # [V]
+        alive = segment.alive_visual
+        m = torch.ones(cache_len, dtype=torch.float32, device=visual.device)
+        index = segment.visual_cache_index[alive]
+        inside = index < cache_len
+        m[index[inside].to(visual.device)] = visual[alive.to(visual.device)][inside.to(visual.device)]
+        self._multiplicities[key] = ((segment, factors), m)  # holds the objects whose ids make the key
+        return m
 
-    def record_prefill_scores(self, layer: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
-        """mass: [k, n] head-averaged attention of k text queries over the key positions ``keys``."""
-        per_position = torch.zeros(seq_len)
-        per_position[keys] = mass.float().sum(0)
-        visual = per_position[self.visual_positions]
-        self.prefill_scores[layer] = self.prefill_scores.get(layer, torch.zeros_like(visual)) + visual
-        self.prefill_score_queries[layer] = self.prefill_score_queries.get(layer, 0) + mass.shape[0]
+    def visual_scores(self, segment: Segment, mass: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """mass: [n] over the cache indices ``keys`` -> [V] fp32 per visual token (0 where dead)."""
+        index = segment.visual_cache_index.to(mass.device)
+        per_key = torch.zeros(int(index.max()) + 2 if index.numel() else 1, device=mass.device)
+        inside = keys.to(mass.device) < per_key.numel()
+        per_key[keys.to(mass.device)[inside]] = mass.float()[inside]
+        return torch.where(index >= 0, per_key[index.clamp(min=0)], torch.zeros((), device=mass.device))
 
-    def visual_scores_from_text(self, layer: int) -> torch.Tensor | None:
-        """[V]: mean over text queries and heads of the attention each visual token got at ``layer``."""
-        if layer not in self.prefill_scores:
-            return None
-        return self.prefill_scores[layer] / self.prefill_score_queries[layer]
+    def wants_key_copy(self, layer: int) -> bool:
+        return any(p.key_copy and layer >= p.first_layer for p in self.decode.values())
 
-    def multiplicities(self, layer: int, first_query: int, seq_len: int) -> torch.Tensor | None:
-        """[nq, seq_len] multiplicities for the row's queries at ``first_query..seq_len-1``
-        (each query gets the view in force at its position), or None when all are 1."""
-        if not self.view.history or seq_len - 1 < self.view.history[0][0]:
-            return None
-        key = (self.view.group_of(layer), self.view.version, first_query, seq_len)
-        if self._cached[0] == key:
-            return self._cached[1]
-        rows = [self.view.at(q).multiplicity(layer, seq_len) for q in range(first_query, seq_len)]
-        value = None if all(r is None for r in rows) else torch.stack(
-            [torch.ones(seq_len) if r is None else r for r in rows])
-        self._cached = (key, value)
-        return value
-
-    def key_copy(self, layer: int, first_query: int, k_region, k_offsets, block_row) -> KeyCopy | None:
-        """The token-major copy of the visual tokens' K at ``layer`` (made on first use), for a
-        row whose queries start at ``first_query``; None when the policy keeps no copy or the
-        row is not decoding (the prompt's K may not all be cached yet)."""
-        if not self.dp.key_copy or first_query < self.num_prompt_tokens:
-            return None
+    def key_copy(self, layer: int, segment: Segment, k_region, k_offsets, block_row) -> KeyCopy:
+        """The token-major copy of the alive visual tokens' K at ``layer`` (made on first use)."""
         copy = self.key_copies.get(layer)
         if copy is None:
-            copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, self.visual_positions,
-                                                      self.visual_rows)
+            index = segment.visual_cache_index
+            index = index[index >= 0]
+            copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, index, rows_of(index))
         return copy
 
-    @cached_property
-    def visual_rows(self) -> torch.Tensor:
-        """[P] int32: each position's row in the key copies (-1: not visual), one for all layers."""
-        return rows_of(self.visual_positions)
-
-    def track_blocks(self, block_ids) -> None:
-        """vLLM replaces a request's block ids object when it resumes after preemption: its
-        KV is then recomputed into new blocks, and copies of the old one are dropped."""
-        if block_ids is not self.block_ids:
+    def track_blocks(self, block_ids, block_size: int) -> None:
+        """Key copies are dropped when the blocks under the visual tokens change (vLLM hands a
+        preempted request new blocks and recomputes its KV)."""
+        last = int(self.token_map.positions[-1]) // block_size + 1 if self.token_map.num_visual else 0
+        blocks = tuple(block_ids[0][:last]) if block_ids else ()
+        if blocks != self.copied_blocks:
             self.key_copies.clear()
-            self.block_ids = block_ids
+            self.copied_blocks = blocks
 
-    def decide(self, position: int, mass: torch.Tensor, keys: torch.Tensor, seq_len: int) -> None:
-        """mass: [n] head-averaged attention of the query at ``position`` over the key
-        positions ``keys`` [n] at the score layer. DyCoke's selection for layers >= L from there on."""
-        per_position = torch.zeros(seq_len)
-        per_position[keys] = mass.float()
-        decision = self.dp.decide(per_position[self.visual_positions], self.dp_state)
-        self.dp_state = decision.state
-        self.view.apply(dp_plan(decision.selection, self.visual_positions), at_position=position)
-        self.trace.append((position, None if decision.selection is None else decision.selection.tolist()))
+    def settle(self) -> None:
+        """Between steps: fold this step's view values into the compact history."""
+        self.view.settle()
+        self._multiplicities.clear()
 
 
 def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_size: int) -> list[int]:
-    """Logical blocks of computed tokens, every one permanently evicted in every layer,
-    not reported yet (DESIGN.md §4.4). Marks them reported."""
+    """Logical blocks of computed tokens that no layer will read again (DESIGN.md §4.4), not
+    reported yet. Marks them reported."""
     full = num_computed_tokens // block_size
-    if full == 0:
+    dead = session.view.dead_everywhere()
+    if full == 0 or not bool(dead.any()):
         return []
-    dead = session.view.dead_everywhere(full * block_size).view(full, block_size).all(dim=1)
-    blocks = [j for j in dead.nonzero().squeeze(1).tolist() if j not in session.reported_blocks]
+    used = session.layout.blocks_in_use(dead, num_computed_tokens, block_size)
+    blocks = [j for j in range(full) if j not in used and j not in session.reported_blocks]
     session.reported_blocks.update(blocks)
     return blocks
 
@@ -164,41 +204,51 @@ def collect_reclaimable(requests: dict, block_size: int) -> dict[str, list[int]]
     return report
 
 
-def dp_plan(selection: torch.Tensor | None, visual_positions: torch.Tensor) -> KVPlan:
-    """Layers >= L attend to the selected visual tokens only (None: to all of them)."""
-    if selection is None:
-        return KVPlan(group=1, positions=torch.empty(0, dtype=torch.int64), values=torch.empty(0), reset=True)
-    dropped = torch.ones(visual_positions.numel(), dtype=torch.bool)
-    dropped[selection] = False
-    positions = visual_positions[dropped]
-    return KVPlan(group=1, positions=positions, values=torch.zeros(positions.numel()), reset=True)
+def video_spans(mm_features) -> list[tuple[int, int, str]]:
+    """(offset, length, identifier) of every video's placeholder run, in prompt order."""
+    spans = [(f.mm_position.offset, f.mm_position.length, f.identifier) for f in mm_features if f.modality == "video"]
+    return sorted(spans)
 
 
-def video_positions(mm_features) -> torch.Tensor:
-    """Token positions of every video's visual tokens (each video's trailing newline excluded)."""
-    spans = [torch.arange(f.mm_position.offset, f.mm_position.offset + f.mm_position.length - 1)
-             for f in mm_features if f.modality == "video"]
-    return torch.cat(spans) if spans else torch.empty(0, dtype=torch.int64)
+def new_session(req_id: str, state, config, num_layers: int, encoder_cache: dict) -> RequestSession | None:
+    """A session for a request with a video, when the config has in-LLM policies (else None)."""
+    from vllm_tokenzoom.methods.base import Stage
+
+    spans = video_spans(state.mm_features)
+    if not spans:
+        return None
+    kept = [getattr(encoder_cache.get(ident), "tokenzoom_kept", None) for _, _, ident in spans]
+    token_map = TokenMap.build(state.num_prompt_tokens, [(o, n) for o, n, _ in spans], kept)
+    return RequestSession(req_id, token_map, num_layers, config.stage(Stage.PREFILL), config.stage(Stage.DECODE))
 
 
-def publish_rows(req_ids: list[str], requests: dict, dp: DP | None) -> None:
-    """Called by the runner hook once per step, before attention metadata is built."""
+def release_gone(requests: dict) -> None:
+    """Drop the sessions (and their key copies) of requests the runner no longer holds."""
     for gone in [rid for rid in SESSIONS if rid not in requests]:
         del SESSIONS[gone]
+
+
+def begin_step(runner, req_ids: list[str]) -> None:
+    """Before a step's attention metadata is built: this step's :class:`Step` (row -> session),
+    or none when no row has a session (the fast path)."""
+    from vllm_tokenzoom.v1.worker.step import Step, set_current
+
+    model = runner.get_model()
+    config = getattr(model, "tokenzoom", None)
+    if config is None or not config.in_llm:
+        set_current(None)
+        return
+    layer_names = model.tokenzoom_layer_names
+    block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
     rows = []
     for rid in req_ids:
-        session = SESSIONS.get(rid)
-        if session is None and dp is not None:
-            state = requests[rid]
-            positions = video_positions(state.mm_features)
-            if positions.numel():
-                session = SESSIONS[rid] = RequestSession(rid, state.num_prompt_tokens, positions, dp)
+        session, state = SESSIONS.get(rid), runner.requests[rid]
+        if session is None:
+            session = new_session(rid, state, config, len(layer_names), runner.encoder_cache)
+            if session is not None:
+                SESSIONS[rid] = session
         if session is not None:
-            session.track_blocks(requests[rid].block_ids)
+            session.settle()
+            session.track_blocks(state.block_ids, block_size)
         rows.append(session)
-    _ROWS[:] = rows
-
-
-def current_rows() -> list[RequestSession | None] | None:
-    """Sessions of this step's batch rows, or None when no row has one (the fast path)."""
-    return list(_ROWS) if any(r is not None for r in _ROWS) else None
+    set_current(Step(rows, len(layer_names), layer_names) if any(r is not None for r in rows) else None)

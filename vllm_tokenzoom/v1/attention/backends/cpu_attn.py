@@ -17,18 +17,18 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_tokenzoom.v1.attention.backends.cpu_kv_layout import kv_offsets
-from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, RowsMetadata, with_rows
+from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, StepMetadata, with_step
 
 
 @dataclass
-class TokenZoomCPUAttentionMetadata(CPUAttentionMetadata, RowsMetadata):
+class TokenZoomCPUAttentionMetadata(CPUAttentionMetadata, StepMetadata):
     pass
 
 
 class TokenZoomCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return with_rows(TokenZoomCPUAttentionMetadata, metadata, common_attn_metadata)
+        return with_step(TokenZoomCPUAttentionMetadata, self, metadata, common_attn_metadata)
 
 
 class TokenZoomCPUAttentionBackendImpl(IndexedRowsMixin, CPUAttentionBackendImpl):

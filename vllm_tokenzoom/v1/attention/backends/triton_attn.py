@@ -25,11 +25,11 @@ from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionMetadataBuilder,
 )
 
-from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, RowsMetadata, with_rows
+from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin, StepMetadata, with_step
 
 
 @dataclass
-class TokenZoomTritonAttentionMetadata(TritonAttentionMetadata, RowsMetadata):
+class TokenZoomTritonAttentionMetadata(TritonAttentionMetadata, StepMetadata):
     pass
 
 
@@ -38,7 +38,7 @@ class TokenZoomTritonAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return with_rows(TokenZoomTritonAttentionMetadata, metadata, common_attn_metadata)
+        return with_step(TokenZoomTritonAttentionMetadata, self, metadata, common_attn_metadata)
 
 
 class TokenZoomTritonAttentionImpl(IndexedRowsMixin, TritonAttentionImpl):

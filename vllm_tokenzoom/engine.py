@@ -1,0 +1,104 @@
+"""Engine settings checked against the union of the configured policies' requirements.
+
+Called from ``EngineArgs.create_engine_config`` (``patches.py``), so ``vllm serve`` and
+``LLM(...)`` refuse a configuration that cannot work before the model loads, with one
+message naming the setting and what works. What tokenzoom may choose for the user (a
+setting the user left at its default) it sets, and says so in the log:
+- prefix caching off (blocks computed under a pruned view do not match their hashes);
+- chunked prefill off for prefill-stage methods: the video and the text after it must be
+  in one forward, so every prompt is prefilled in one step (vLLM then sizes
+  ``max_num_batched_tokens`` to at least ``max_model_len``);
+- tokenzoom's attention backend on CUDA (the CPU platform always uses tokenzoom's override).
+No method-specific branch here: each check reads ``Requirements`` fields.
+"""
+from __future__ import annotations
+
+import logging
+
+from vllm_tokenzoom.errors import TokenZoomConfigError
+
+logger = logging.getLogger("vllm.tokenzoom")
+
+
+def _names(methods: list[str]) -> str:
+    return ", ".join(repr(m) for m in methods)
+
+
+def fit_engine_args(engine_args, config) -> None:
+    """Before vLLM builds its config: refuse what cannot work, set what tokenzoom needs."""
+    req = config.requirements
+    if req.prefix_caching_off:
+        methods = config.needing("prefix_caching_off")
+        if engine_args.enable_prefix_caching:
+            raise TokenZoomConfigError(
+                f"tokenzoom method(s) {_names(methods)} cannot run with prefix caching: blocks computed under a "
+                "pruned view do not match their hashes; drop --enable-prefix-caching (tokenzoom turns it off), "
+                "or use a method that keeps it (e.g. the 'ttm' preset)")
+        engine_args.enable_prefix_caching = False
+    if req.one_step_prefill:
+        methods = config.needing("one_step_prefill")
+        if engine_args.enable_chunked_prefill:
+            raise TokenZoomConfigError(
+                f"tokenzoom method(s) {_names(methods)} need each video and the text after it in one prefill "
+                "step, which chunked prefill can split; drop --enable-chunked-prefill (tokenzoom turns it off "
+                "and vLLM then prefills every prompt up to max_model_len in one step)")
+        if not engine_args.enable_chunked_prefill:
+            logger.info("tokenzoom: chunked prefill off for %s (each prompt is prefilled in one step)", _names(methods))
+        engine_args.enable_chunked_prefill = False
+    if req.kv_cache_dtypes is not None and engine_args.kv_cache_dtype not in req.kv_cache_dtypes:
+        raise TokenZoomConfigError(
+            f"--kv-cache-dtype {engine_args.kv_cache_dtype!r} cannot run with tokenzoom method(s) "
+            f"{_names(config.needing('kv_cache_dtypes'))}, whose kernels read the KV cache itself; "
+            f"allowed: {_names(list(req.kv_cache_dtypes))}")
+    if req.no_speculative_decoding and engine_args.speculative_config:
+        raise TokenZoomConfigError(
+            f"speculative decoding (--speculative-config) cannot run with tokenzoom method(s) "
+            f"{_names(config.needing('no_speculative_decoding'))}: they decide from the query of each step, "
+            "and draft positions are not decided tokens; drop one or the other")
+    if req.no_pipeline_parallel and (engine_args.pipeline_parallel_size or 1) > 1:
+        raise TokenZoomConfigError(
+            f"--pipeline-parallel-size {engine_args.pipeline_parallel_size} cannot run with tokenzoom method(s) "
+            f"{_names(config.needing('no_pipeline_parallel'))}: a decision at one layer must reach the layers "
+            "of every stage; allowed: 1 (tensor parallelism works)")
+    if req.attention_backend:
+        _cuda_backend(engine_args, config.needing("attention_backend"))
+
+
+def _cuda_backend(engine_args, methods: list[str]) -> None:
+    """On CUDA, in-LLM methods need tokenzoom's backend (CUSTOM) and vLLM's V1 model runner
+    (the row -> request hook); not run on a GPU yet, see triton_attn.py."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return
+    import os
+
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    chosen = engine_args.attention_backend
+    if chosen is not None and chosen != AttentionBackendEnum.CUSTOM and str(chosen) != "CUSTOM":
+        raise TokenZoomConfigError(
+            f"--attention-backend {chosen} cannot run with tokenzoom method(s) {_names(methods)}: they need "
+            "tokenzoom's attention backend, which reads the token view; drop --attention-backend")
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # read when the engine's config is built
+    engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+
+
+def refuse_batched_tokens(config, error: ValueError) -> None:
+    """vLLM's own refusal of a ``max_num_batched_tokens`` below ``max_model_len`` (chunked
+    prefill off), said as what it means for tokenzoom."""
+    if config.requirements.one_step_prefill and "max_num_batched_tokens" in str(error):
+        raise TokenZoomConfigError(
+            f"tokenzoom method(s) {_names(config.needing('one_step_prefill'))} prefill each prompt in one step, "
+            f"so --max-num-batched-tokens must be at least --max-model-len ({error}); raise "
+            "--max-num-batched-tokens (or leave it unset) or lower --max-model-len") from None
+
+
+def check_model(config, vllm_config) -> None:
+    """Every policy's settings against the model (e.g. a layer index within its layers)."""
+    num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
+    for name, policy in config.methods.items():
+        try:
+            policy.check_model(num_layers)
+        except TokenZoomConfigError as e:
+            raise TokenZoomConfigError(f"tokenzoom.methods.{name}.{e}") from None

@@ -1,0 +1,104 @@
+"""Where a request's tokens live in each layer's KV cache once prefill policies dropped rows.
+
+A *segment* is a run of layers in which the same visual tokens are alive (a new one
+starts after every death layer). In segment ``s`` the request's tokens are stored
+*compacted*: the alive tokens, in position order, at *cache indices* ``0, 1, 2, ...``
+(slot = ``block_table[c // B] * B + c % B``, the request's own blocks, shared by every
+layer). So vLLM's stock kernels run the later layers over a shorter sequence: fewer rows,
+shorter KV, and a dropped token is neither written nor read there. In segment 0 every
+token is alive and the cache index is the position. A generated token at position
+``p >= N`` has cache index ``alive_prompt_tokens + p - N`` in every segment.
+
+Index spaces: *token position* ``p`` and *cache index* ``c <= p`` (per segment); visual
+tokens are named by visual index ``v`` (``kv/token_map.py``). Host tensors: they size
+the batch and the attention metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from vllm_tokenzoom.kv.token_map import TokenMap
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    first_layer: int
+    num_prompt_tokens: int
+    alive_visual: torch.Tensor  # [V] bool
+    visual_positions: torch.Tensor  # [V] int64
+
+    @cached_property
+    def compacted(self) -> bool:
+        return not bool(self.alive_visual.all())
+
+    @cached_property
+    def _rank(self) -> torch.Tensor:
+        """[N + 1]: cache indices of prompt positions (-1: dead), then the alive prompt count."""
+        alive = torch.ones(self.num_prompt_tokens, dtype=torch.bool)
+        alive[self.visual_positions[~self.alive_visual]] = False
+        rank = torch.cumsum(alive, 0) - 1
+        rank[~alive] = -1
+        return torch.cat((rank, alive.sum().view(1)))
+
+    @property
+    def alive_prompt_tokens(self) -> int:
+        return int(self._rank[-1]) if self.compacted else self.num_prompt_tokens
+
+    def cache_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions: [n] int64 -> [n] int64 cache indices (-1: not alive in this segment)."""
+        if not self.compacted:
+            return positions
+        n = self.num_prompt_tokens
+        prompt = self._rank[positions.clamp(max=n - 1)]
+        return torch.where(positions < n, prompt, positions - n + self.alive_prompt_tokens)
+
+    def cache_len(self, num_positions: int) -> int:
+        """How many of positions ``0..num_positions - 1`` are alive (the segment's sequence length)."""
+        if not self.compacted:
+            return num_positions
+        n = self.num_prompt_tokens
+        if num_positions > n:
+            return self.alive_prompt_tokens + num_positions - n
+        return int((self._rank[:num_positions] >= 0).sum())
+
+    @cached_property
+    def visual_cache_index(self) -> torch.Tensor:
+        """[V] int64 each visual token's cache index (-1: dead here)."""
+        return self.cache_index(self.visual_positions)
+
+
+class CacheLayout:
+    """The segments of one request, from its death layers (``TokenView.death``)."""
+
+    def __init__(self, token_map: TokenMap, death: torch.Tensor, num_layers: int):
+        starts = sorted({0} | {int(d) + 1 for d in death.unique().tolist() if d < num_layers - 1})
+        self.segments = [Segment(s, token_map.num_prompt_tokens, death >= s, token_map.positions) for s in starts]
+        self._starts = starts
+
+    def segment(self, layer: int) -> Segment:
+        i = 0
+        while i + 1 < len(self._starts) and self._starts[i + 1] <= layer:
+            i += 1
+        return self.segments[i]
+
+    @property
+    def boundaries(self) -> list[int]:
+        """First layers of the segments after the first."""
+        return self._starts[1:]
+
+    def blocks_in_use(self, dead: torch.Tensor, num_positions: int, block_size: int) -> set[int]:
+        """Logical blocks holding a token some layer may still read: every alive, not
+        dead-everywhere token of ``0..num_positions - 1``, at its cache index, in every segment."""
+        used: set[int] = set()
+        every = torch.arange(num_positions)
+        for seg in self.segments:
+            keep = torch.ones(num_positions, dtype=torch.bool)
+            visual = seg.visual_positions[seg.visual_positions < num_positions]
+            gone = (~seg.alive_visual | dead)[: visual.numel()]
+            keep[visual[gone]] = False
+            index = seg.cache_index(every[keep])
+            used.update((index[index >= 0] // block_size).unique().tolist())
+        return used

@@ -1,0 +1,270 @@
+"""One forward of the model runner, as tokenzoom sees it.
+
+Data flows one way (docs/architecture.md "A step"):
+1. before the step, the runner hook makes a :class:`Step` with each batch row's session;
+   the attention-metadata builder binds vLLM's common metadata to it;
+2. per layer, the attention backend asks :meth:`Step.needs` what each row needs there: the
+   queries to compute over the token view (their multiplicities over cache indices), and
+   whose scores to hand back (:meth:`Step.record`);
+3. between layers, :meth:`Step.settle` routes the recorded scores to the policies, which
+   decide (the decode view from this query on; death layers during prefill);
+4. when rows die, :meth:`Step.after_layer` (the model's decoder loop) gives the rows that
+   remain and installs, for the layers after, attention metadata rebuilt for them; a step
+   in which no row can die installs the compacted layers' metadata up front (:meth:`begin`).
+
+Index spaces: *batch token* (a row of ``hidden_states`` in the current layout), *token
+position*, *cache index* (``kv/layout.py``), *visual index*.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from vllm_tokenzoom.kv.layout import Segment
+
+_CURRENT: list["Step | None"] = [None]
+
+
+@dataclass(frozen=True, eq=False)
+class RowSpan:
+    """One request row of the batch in a layout: its queries, where they sit, what they read."""
+
+    start: int  # its first batch token
+    positions: torch.Tensor  # [nq] int64 the positions of its queries, ascending
+    seq_len: int  # positions 0..seq_len-1 are in the cache after this step
+    segment: Segment | None  # None: a row without a session (identity layout)
+    cache_len: int  # its sequence length in this layout's cache indices
+
+    @property
+    def num_queries(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    rows: tuple[RowSpan, ...]
+    base_index: torch.Tensor  # [num_tokens] int64: each batch token's index in the step's full batch
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base_index.numel()
+
+
+class QueryNeed:
+    """One query the indexed path computes at one layer (and whose scores it may hand back)."""
+
+    __slots__ = ("row", "token", "position", "segment", "cache_len", "multiplicity", "scores", "session")
+
+    def __init__(self, row, token, position, segment, cache_len, multiplicity, scores, session):
+        self.row, self.token, self.position, self.segment = row, token, position, segment
+        self.cache_len, self.multiplicity, self.scores, self.session = cache_len, multiplicity, scores, session
+
+
+class Step:
+    def __init__(self, sessions: list, num_layers: int, layer_names: list[str]):
+        self.sessions = sessions  # batch row -> RequestSession or None
+        self.num_layers, self.layer_names = num_layers, layer_names
+        self.bound = False
+        self.version = 0  # bumped whenever a decision changed a view
+        self._inbox: dict[tuple, tuple[int, torch.Tensor]] = {}
+        self._needs: dict[tuple, list[QueryNeed]] = {}
+        self._layouts: dict[int, Layout] = {}  # first layer -> layout in force from it
+        first = {p.first_layer for s in sessions if s is not None for p in s.decode.values()}
+        self._first_layers = tuple(sorted(first))
+        self._score_layers = frozenset(a.layer for s in sessions if s is not None
+                                       for p in (*s.prefill.values(), *s.decode.values()) for a in p.score_requests())
+
+    # -- set-up ----------------------------------------------------------------------------
+    def bind(self, builder, common) -> bool:
+        """vLLM's metadata builder and common metadata of this step (first build only);
+        False when the batch is not this step's (a profiling or dummy run)."""
+        if self.bound:
+            return True
+        if common.num_reqs != len(self.sessions):
+            return False
+        self.builder, self.common, self.bound = builder, common, True
+        qsl = common.query_start_loc_cpu.tolist()
+        seq_lens = common.seq_lens.cpu().tolist()  # CPU: no copy; TODO(GPU): seq_lens_cpu_upper_bound
+        rows = []
+        for r, session in enumerate(self.sessions):
+            n = qsl[r + 1] - qsl[r]
+            segment = session.layout.segment(0) if session is not None else None
+            rows.append(RowSpan(qsl[r], torch.arange(seq_lens[r] - n, seq_lens[r]), seq_lens[r], segment,
+                                seq_lens[r]))
+        self._layouts[0] = Layout(tuple(rows), torch.arange(common.num_actual_tokens))
+        return True
+
+    def may_drop_rows(self) -> bool:
+        """Whether a row may lose tokens this step: it computes visual tokens of a request with
+        a prefill policy (deciding now, or replaying stored death layers after preemption)."""
+        for session, span in zip(self.sessions, self._layouts[0].rows):
+            if session is None or not session.prefill or not span.num_queries or not session.token_map.num_visual:
+                continue
+            positions = session.token_map.positions
+            if int(span.positions[0]) <= int(positions[-1]) and int(span.positions[-1]) >= int(positions[0]):
+                return True
+        return False
+
+    def begin(self, ctx) -> None:
+        """A step in which no row dies: install the metadata of every compacted layer now."""
+        layout = self._layouts[0]
+        for layer in sorted({b for s in self.sessions if s is not None for b in s.layout.boundaries}):
+            new, keep = self._layout_for(layer, layout)
+            if new is not layout:
+                assert keep.numel() == layout.num_tokens, "rows died in a step that was not expected to drop any"
+                self._install(ctx, layer, new, pad=True)
+                layout = new
+
+    # -- per layer (attention backend) ---------------------------------------------------
+    def layout(self, layer: int) -> Layout:
+        return self._layouts[max(k for k in self._layouts if k <= layer)]
+
+    def needs(self, layer: int) -> list[QueryNeed]:
+        """The queries tokenzoom's indexed path computes at ``layer`` (after settling decisions)."""
+        self.settle()
+        layout = self.layout(layer)
+        key = (id(layout), self.version, layer in self._score_layers, tuple(layer >= f for f in self._first_layers))
+        cached = self._needs.get(key)
+        if cached is not None:
+            return cached
+        needs = []
+        for r, (session, span) in enumerate(zip(self.sessions, layout.rows)):
+            if session is not None and span.num_queries:
+                needs += self._row_needs(layer, r, session, span)
+        if len(self._needs) > 16:
+            self._needs.clear()
+        self._needs[key] = needs
+        return needs
+
+    def _row_needs(self, layer: int, row: int, session, span: RowSpan) -> list[QueryNeed]:
+        first, last = int(span.positions[0]), int(span.positions[-1])
+        asks: dict[int, list[str]] = {}
+        for name, positions in session.score_queries(layer, first, last):
+            for q in positions:
+                asks.setdefault(q, []).append(name)
+        candidates = sorted(set(asks) | set(range(max(first, session.num_prompt_tokens), last + 1)))
+        needs = []
+        for q in candidates:
+            has_view = bool(session.view.factors(layer, q))
+            if not has_view and q not in asks:
+                continue
+            token = span.start + (span.num_queries - 1 - (last - q) if q >= session.num_prompt_tokens
+                                  else int(torch.searchsorted(span.positions, q)))
+            cache_len = int(span.segment.cache_index(torch.tensor([q]))[0]) + 1
+            m = session.multiplicity(layer, q, span.segment, cache_len) if has_view else None
+            needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, tuple(asks.get(q, ())), session))
+        return needs
+
+    def record(self, layer: int, need: QueryNeed, mass: torch.Tensor, keys: torch.Tensor) -> None:
+        """mass: [n] head-mean attention of ``need``'s query over the cache indices ``keys``."""
+        scores = need.session.visual_scores(need.segment, mass, keys)
+        for name in need.scores:
+            slot = (need.session, name, layer)
+            position, total = self._inbox.get(slot, (need.position, None))
+            self._inbox[slot] = (max(position, need.position), scores if total is None else total + scores)
+
+    # -- between layers ---------------------------------------------------------------------
+    def settle(self) -> None:
+        """Hand the recorded scores to their policies (decisions in force from the next layer on)."""
+        if not self._inbox:
+            return
+        inbox, self._inbox = self._inbox, {}
+        for (session, name, layer), (position, scores) in inbox.items():
+            session.decide(name, layer, position, scores)
+        self.version += 1
+
+    def after_layer(self, layer: int, ctx, num_rows: int) -> torch.Tensor | None:
+        """The decoder loop, after ``layer`` ran on ``num_rows`` hidden rows: settle, and when rows
+        die, install the next layers' metadata and return the batch tokens that remain ([n]
+        indices into the current hidden states); None when the rows stay."""
+        self.settle()
+        if layer + 1 >= self.num_layers:
+            return None
+        current = self.layout(layer)
+        new, keep = self._layout_for(layer + 1, current)
+        if new is current:
+            return None
+        self._install(ctx, layer + 1, new, pad=False)
+        return keep if keep.numel() != num_rows else None
+
+    def finish(self) -> None:
+        """After the forward: settle what the last layers recorded; a request whose last prompt
+        token was computed has its prefill decisions stored for good."""
+        self.settle()
+        for session, span in zip(self.sessions, self._layouts[0].rows):
+            if session is not None and span.num_queries and int(span.positions[-1]) >= session.num_prompt_tokens - 1:
+                session.prefill_done = True
+
+    # -- layouts and metadata ------------------------------------------------------------------
+    def _layout_for(self, layer: int, current: Layout) -> tuple[Layout, torch.Tensor | None]:
+        """The layout from ``layer`` on, given the one before; (current, None) when unchanged."""
+        rows, keep, changed, start = [], [], False, 0
+        for session, span in zip(self.sessions, current.rows):
+            segment = session.layout.segment(layer) if session is not None else None
+            if segment is span.segment:
+                new = span if span.start == start else dataclasses.replace(span, start=start)
+                keep.append(torch.arange(span.start, span.start + span.num_queries))
+            else:
+                changed = True
+                alive = segment.cache_index(span.positions) >= 0 if span.num_queries else span.positions.bool()
+                keep.append(span.start + alive.nonzero().flatten())
+                new = RowSpan(start, span.positions[alive], span.seq_len, segment, segment.cache_len(span.seq_len))
+            rows.append(new)
+            start += new.num_queries
+        if not changed:
+            return current, None
+        keep = torch.cat(keep) if keep else torch.empty(0, dtype=torch.int64)
+        return Layout(tuple(rows), current.base_index[keep]), keep
+
+    def _install(self, ctx, layer: int, layout: Layout, pad: bool) -> None:
+        """Attention metadata and slot mapping rebuilt for ``layout``, for layers >= ``layer``;
+        ``pad``: the hidden states keep vLLM's padding rows (slot -1), as the stock forward does."""
+        self._layouts = {k: v for k, v in self._layouts.items() if k < layer}
+        self._layouts[layer] = layout
+        common, device = self.common, self.common.block_table_tensor.device
+        qsl = torch.tensor([0] + [r.start + r.num_queries for r in layout.rows], dtype=torch.int32)
+        seq_lens = torch.tensor([r.cache_len for r in layout.rows], dtype=common.seq_lens.dtype)
+        slots = self._slots(layout).to(device)
+        padded = common.slot_mapping.numel()
+        if pad and padded > slots.numel():
+            slots = torch.cat((slots, torch.full((padded - slots.numel(),), -1, dtype=slots.dtype, device=device)))
+        fields = dict(query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq_lens.to(device),
+                      num_actual_tokens=layout.num_tokens,
+                      max_query_len=max((r.num_queries for r in layout.rows), default=0),
+                      max_seq_len=max((r.cache_len for r in layout.rows), default=0), slot_mapping=slots)
+        if common.positions is not None:
+            fields["positions"] = common.positions[layout.base_index.to(device)]
+        if common.seq_lens_cpu_upper_bound is not None:
+            fields["seq_lens_cpu_upper_bound"] = seq_lens
+        metadata = self.builder.build(0, dataclasses.replace(common, **fields))
+        for name in self.layer_names[layer:]:
+            ctx.attn_metadata[name] = metadata
+            ctx.slot_mapping[name] = slots
+
+    def _slots(self, layout: Layout) -> torch.Tensor:
+        """[num_tokens] the KV slot each batch token writes in this layout."""
+        base = self.common.slot_mapping[layout.base_index.to(self.common.slot_mapping.device)].cpu()
+        block_table, block_size = self.common.block_table_tensor, self.block_size
+        for r, span in enumerate(layout.rows):
+            if span.segment is None or not span.segment.compacted or not span.num_queries:
+                continue
+            index = span.segment.cache_index(span.positions)  # [nq] cache indices
+            blocks = block_table[r, (index // block_size).to(block_table.device)].cpu().to(torch.int64)
+            base[span.start:span.start + span.num_queries] = blocks * block_size + index % block_size
+        return base
+
+    @property
+    def block_size(self) -> int:
+        return self.builder.kv_cache_spec.block_size
+
+
+def set_current(step: Step | None) -> None:
+    _CURRENT[0] = step
+
+
+def current() -> Step | None:
+    """This step's :class:`Step` once bound to its metadata, else None (fast path)."""
+    step = _CURRENT[0]
+    return step if step is not None and step.bound else None
