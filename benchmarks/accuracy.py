@@ -12,7 +12,11 @@ sampling, spatial pooling). Answers are exact match.
 Visual tokens kept at prefill are measured from vLLM's prompt length (prompt tokens minus
 the text's); for DyCoke, the tokens attended during decode are what its dynamic pruning
 reads at every decode step from those (``DP.mean_attended``: all of them in layers < L,
-the top 1 - P in the others, averaged over layers).
+the top 1 - P in the others, averaged over layers). The *layer-averaged visual KV share*
+(methods-spec §0) is the share of the video's tokens whose KV a layer holds, averaged over
+layers: the prefill share for pre-LLM methods (DyCoke's dp keeps its tokens: same share),
+and for FastV ``(K V + (L - K) round(V (1 - R))) / (L V_video)``. FastV (K=2) runs at
+R = 0.5, 0.75, 0.9, next to the baselines at the same shares.
 
 Appends rows to benchmarks/results/accuracy.csv, writes accuracy.png (accuracy against
 visual tokens kept) and accuracy_latest.md (the table the README quotes).
@@ -43,15 +47,28 @@ def baseline(name, budget):
     return {"methods": {name: {"keep_ratio": round(budget, 3)}}}
 
 
-def settings(quick: bool) -> list[tuple[str, str, dict | None]]:
+FASTV_LAYER = 2
+
+
+def fastv(r):
+    return {"methods": {"fastv": {"layer": FASTV_LAYER, "prune_ratio": r}}}
+
+
+def fastv_share(r: float, num_layers: int) -> float:
+    return (FASTV_LAYER + (num_layers - FASTV_LAYER) * (1 - r)) / num_layers
+
+
+def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]:
     """(name, method family, tokenzoom config or None for vanilla vLLM)."""
     ks = [0.7] if quick else [0.3, 0.7, 0.9]
-    budgets = [round(_ttm_budget(k), 3) for k in ks] + [0.15]
+    rs = [0.75] if quick else [0.5, 0.75, 0.9]
+    budgets = [round(_ttm_budget(k), 3) for k in ks] + [round(fastv_share(r, num_layers), 3) for r in rs] + [0.15]
     out = [("full tokens", "full", None)]
     out += [(f"ttm K={k}", "ttm", ttm(k)) for k in ks]
+    out += [(f"fastv K={FASTV_LAYER} R={r}", "fastv", fastv(r)) for r in rs]
     out += [("dycoke (K=0.7, L=3, P=0.7)", "dycoke", {"preset": "dycoke"})]
     for name in ("random_drop", "frame_sampling", "spatial_pool"):
-        for b in (budgets if not quick else [budgets[0], 0.15]):
+        for b in (budgets if not quick else [budgets[0], budgets[1], 0.15]):
             out.append((f"{name} {b:.2f}", name, baseline(name, b)))
     return out
 
@@ -74,19 +91,25 @@ def run_setting(model: str, name: str, config: dict | None, questions, tokenizer
                          llm_kwargs={"mm_processor_cache_gb": 2, "max_num_seqs": chunk,
                                      "max_num_batched_tokens": 8192})  # a 32-frame video: 6,273 tokens
     seconds = time.perf_counter() - t0
-    dp = parse_config({"tokenzoom": config}).dp if config is not None else None
+    parsed = parse_config({"tokenzoom": config}) if config is not None else None
+    dp = parsed.dp if parsed is not None else None
+    fv = parsed.fastv if parsed is not None else None
     right: dict[str, list[int]] = {}
-    kept, attended = [], []
+    kept, attended, shares = [], [], []
     for (clip, q), out in zip(questions, result["outputs"]):
         right.setdefault(q.kind, []).append(int(out["text"].strip() == q.answer))
         text = len(tokenizer(chat_prompt(tokenizer, q.text)).input_ids) - 1  # minus the <video> placeholder
         visual = out["num_prompt_tokens"] - text - 1  # minus the newline
         read = visual if dp is None else dp.mean_attended(visual, num_layers)
-        kept.append(visual / (clip.num_frames * TOKENS_PER_FRAME))
-        attended.append(read / (clip.num_frames * TOKENS_PER_FRAME))
+        video = clip.num_frames * TOKENS_PER_FRAME
+        kept.append(visual / video)
+        attended.append(read / video)
+        held = visual if fv is None else (fv.layer * visual + (num_layers - fv.layer) * fv.num_kept(visual)) / num_layers
+        shares.append(held / video)
     every = [x for v in right.values() for x in v]
     return dict(accuracy=sum(every) / len(every), per_kind={k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())},
-                prefill_kept=sum(kept) / len(kept), decode_attended=sum(attended) / len(attended), seconds=seconds)
+                prefill_kept=sum(kept) / len(kept), decode_attended=sum(attended) / len(attended),
+                visual_kv_share=sum(shares) / len(shares), seconds=seconds)
 
 
 def main(argv=None) -> None:
@@ -95,7 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--clips", type=int, default=200, help="test clips (about 5.7 questions each)")
     ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
     ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
-    ap.add_argument("--quick", action="store_true", help="40 clips; TTM K=0.7, DyCoke, baselines at its budget and 15%%")
+    ap.add_argument("--quick", action="store_true",
+                    help="40 clips; TTM K=0.7, FastV R=0.75, DyCoke, baselines at their shares and 15%%")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips = min(args.clips, 40)
@@ -106,7 +130,7 @@ def main(argv=None) -> None:
     num_layers = AutoConfig.from_pretrained(args.model).text_config.num_hidden_layers
     clips = [videoqa.make_clip(s, render=False) for s in videoqa.split_seeds("test", args.clips)]
     questions = [(c, q) for c in clips for q in videoqa.questions(c)]
-    chosen = settings(args.quick)
+    chosen = settings(args.quick, num_layers)
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
@@ -117,6 +141,7 @@ def main(argv=None) -> None:
         rows.append({**meta, "setting": name, "method": family, "config": json.dumps(config),
                      "prefill_kept": round(r["prefill_kept"], 4),
                      "decode_attended": round(r["decode_attended"], 4),
+                     "visual_kv_share": round(r["visual_kv_share"], 4),
                      "accuracy": round(r["accuracy"], 4), "per_kind": json.dumps(r["per_kind"]),
                      "seconds": round(r["seconds"], 1)})
         tqdm.write(f"{name:32s} kept {rows[-1]['prefill_kept']:.3f}  accuracy {rows[-1]['accuracy']:.3f}  {r['per_kind']}")
@@ -129,8 +154,10 @@ def save(rows) -> None:
     m = rows[0]
     lines = [f"Accuracy on the video-QA test split ({m['clips']} clips, {m['questions']} questions, exact match), "
              f"{m['model']} ({m['task']}), vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
-             "| setting | visual tokens kept (prefill) | attended (decode) | accuracy |", "|---|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['decode_attended']:.1%} | {r['accuracy']:.1%} |" for r in rows]
+             "| setting | visual tokens kept (prefill) | layer-averaged visual KV share | attended (decode) | accuracy |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['visual_kv_share']:.1%} | {r['decode_attended']:.1%} | "
+              f"{r['accuracy']:.1%} |" for r in rows]
     (RESULTS / "accuracy_latest.md").write_text("\n".join(lines) + "\n")
     plot(rows, RESULTS / "accuracy.png")
     print("\n".join(lines))
@@ -144,9 +171,9 @@ def plot(rows, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, marker in zip(dict.fromkeys(r["method"] for r in rows), "o^xsDv*P"):
-        pts = sorted((r["prefill_kept"], r["accuracy"]) for r in rows if r["method"] == family)
+        pts = sorted((r["visual_kv_share"], r["accuracy"]) for r in rows if r["method"] == family)
         ax.plot(*zip(*pts), marker=marker, markersize=8, label=family, linestyle="-" if len(pts) > 1 else "none")
-    ax.set_xlabel("visual tokens kept at prefill (share of the video's)")
+    ax.set_xlabel("layer-averaged visual KV share (of the video's tokens)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(f"video-QA test split, {rows[0]['questions']} questions ({rows[0]['date']})")
     ax.grid(alpha=0.3)

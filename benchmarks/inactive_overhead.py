@@ -3,9 +3,9 @@ at most 2% slower than vanilla).
 
 End-to-end step times on this VM vary by +-20% between processes (see decode_dycoke.json),
 far more than the effect, so the added work is timed directly instead: per engine step,
-the runner hook (``publish_rows`` with no sessions), the metadata builder's extra fields
-(``rows_fields`` + the metadata copy), the scheduler mixin's report lookup, the
-``sample_tokens`` hook's check, and per layer the attention wrapper's fast-path test;
+the runner hooks (``begin_step`` and ``release_gone`` with tokenzoom off), the metadata
+builder's extra field (``with_step`` + the metadata copy), the scheduler mixin's report
+lookup, the ``sample_tokens`` hook's check, and per layer the attention wrapper's fast-path test;
 against vanilla's measured step time (decode_dycoke.json, batch 1, 16 frames, 24 layers).
 
     python benchmarks/inactive_overhead.py [--layers 24] [--batch 16]
@@ -44,16 +44,18 @@ def main(argv=None) -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
     from vllm_tokenzoom.v1.attention.backends.cpu_attn import TokenZoomCPUAttentionMetadata
-    from vllm_tokenzoom.v1.attention.backends.indexed import rows_fields
+    from vllm_tokenzoom.v1.attention.backends.indexed import with_step
     from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR
-    from vllm_tokenzoom.v1.worker.sessions import SESSIONS, publish_rows
+    from vllm_tokenzoom.v1.worker.sessions import SESSIONS, begin_step, release_gone
 
     req_ids = [f"req-{i}" for i in range(args.batch)]
     requests = {rid: SimpleNamespace(mm_features=[], num_prompt_tokens=100) for rid in req_ids}
+    runner = SimpleNamespace(get_model=lambda: SimpleNamespace(tokenzoom=None))
     cm = SimpleNamespace(num_reqs=args.batch, query_start_loc_cpu=torch.arange(args.batch + 1),
                          seq_lens=torch.full((args.batch,), 100))
     fields = {f: None for f in CPUAttentionMetadata.__dataclass_fields__}
     fields.update(num_actual_tokens=1, max_query_len=1, max_seq_len=1)
+    stock_md = CPUAttentionMetadata(**fields)
     md = TokenZoomCPUAttentionMetadata(**fields)
     output = SimpleNamespace()
 
@@ -63,14 +65,15 @@ def main(argv=None) -> None:
 
     class Wrapped(Stock):
         def forward(self, *args):  # the wrapper's frame and fast-path test around the stock call
-            if getattr(md, "tz_rows", None) is None:
+            if getattr(md, "tz_step", None) is None:
                 return super().forward(*args)
 
     stock, wrapped = Stock(), Wrapped()
     costs = {
-        "runner hook: publish_rows": per_call_us(lambda: publish_rows(req_ids, requests, None)),
-        "builder: rows_fields + metadata copy": per_call_us(
-            lambda: TokenZoomCPUAttentionMetadata(**{**fields, **rows_fields(cm)})),
+        "runner hooks: begin_step + release_gone": per_call_us(
+            lambda: (begin_step(runner, req_ids), release_gone(requests))),
+        "builder: with_step (metadata copy)": per_call_us(
+            lambda: with_step(TokenZoomCPUAttentionMetadata, None, stock_md, cm)),
         "scheduler mixin: report lookup": per_call_us(lambda: getattr(output, REPORT_ATTR, None)),
         "sample_tokens hook: check": per_call_us(lambda: bool(SESSIONS)),
         f"attention wrapper (frame + fast-path test) x {args.layers} layers": args.layers * max(

@@ -129,3 +129,61 @@ def test_other_vllm_version_refuses_tokenzoom_and_leaves_vllm_alone(tiny_model):
     assert "REFUSED TokenZoomConfigError tokenzoom needs vLLM 0.32.0" in proc.stdout, proc.stderr[-3000:]
     assert "found vLLM 0.33.1" in proc.stdout
     assert "MODEL LlavaOnevisionForConditionalGeneration" in proc.stdout  # stock model class untouched
+
+
+def _llm_attempts(model: str, attempts: list[tuple[dict, dict]]) -> list[str]:
+    """Each (additional_config, LLM kwargs) in one child process; per attempt the refusal
+    ("TokenZoomConfigError: ...") or "STARTED". Refusals come before the model loads, so one
+    process can try many."""
+    code = (
+        "import json, sys\n"
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    for config, kwargs in json.loads(sys.argv[2]):\n"
+        "        try:\n"
+        "            llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=4096, enforce_eager=True,\n"
+        "                      additional_config=config, **kwargs)\n"
+        "            print('ATTEMPT STARTED', llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill,\n"
+        "                  llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens, flush=True)\n"
+        "            del llm\n"
+        "        except Exception as e:\n"
+        "            print('ATTEMPT', type(e).__name__ + ':', str(e).replace(chr(10), ' '), flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, model, json.dumps(attempts)], capture_output=True, text=True,
+                          env={**__import__("os").environ, **ENV}, timeout=600)
+    lines = [line[len("ATTEMPT "):] for line in proc.stdout.splitlines() if line.startswith("ATTEMPT ")]
+    assert len(lines) == len(attempts), proc.stderr[-3000:]
+    return lines
+
+
+def test_prefill_methods_refuse_what_cannot_work_and_fit_what_can(tiny_model):
+    """FastV needs each prompt prefilled in one step, prefix caching off, a KV cache its kernels
+    can read, no speculative decoding or pipeline parallelism: each refusal names the setting."""
+    fastv = {"tokenzoom": {"methods": {"fastv": {}}}}
+    ttm = {"tokenzoom": {"preset": "ttm"}}
+    lines = _llm_attempts(tiny_model, [
+        (fastv, {"enable_chunked_prefill": True}),
+        (fastv, {"max_num_batched_tokens": 2048}),
+        (fastv, {"enable_prefix_caching": True}),
+        (fastv, {"kv_cache_dtype": "fp8"}),
+        (fastv, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}),
+        (fastv, {"pipeline_parallel_size": 2}),
+        ({"tokenzoom": {"methods": {"fastv": {"layer": 4}}}}, {}),
+        (ttm, {"enable_prefix_caching": True, "kv_cache_dtype": "fp8"}),  # TTM needs none of that
+    ])
+    assert lines[0].startswith("TokenZoomConfigError: tokenzoom method(s) 'fastv' need each video and the text after")
+    assert "drop --enable-chunked-prefill" in lines[0]
+    assert lines[1].startswith("TokenZoomConfigError:") and "--max-num-batched-tokens must be at least" in lines[1]
+    assert "4096" in lines[1] and "2048" in lines[1]
+    assert "cannot run with prefix caching" in lines[2] and "'ttm' preset" in lines[2]
+    assert "--kv-cache-dtype 'fp8' cannot run with tokenzoom method(s) 'fastv'" in lines[3]
+    assert "allowed: 'auto', 'bfloat16', 'float16', 'float32'" in lines[3]
+    assert "speculative decoding (--speculative-config) cannot run with tokenzoom method(s) 'fastv'" in lines[4]
+    assert "--pipeline-parallel-size 2 cannot run" in lines[5] and "allowed: 1" in lines[5]
+    assert "tokenzoom.methods.fastv.layer = 4 is out of range for this model; allowed: 1 <= layer < 4" in lines[6]
+    assert not lines[7].startswith("TokenZoomConfigError"), lines[7]  # TTM goes on to vLLM's own checks
+
+
+def test_prefill_methods_turn_chunked_prefill_off(tiny_model):
+    (line,) = _llm_attempts(tiny_model, [({"tokenzoom": {"methods": {"fastv": {}}}}, {})])
+    assert line == "STARTED False 4096"  # chunked prefill off; every prompt up to max_model_len in one step

@@ -69,6 +69,19 @@ class Segment:
         """[V] int64 each visual token's cache index (-1: dead here)."""
         return self.cache_index(self.visual_positions)
 
+    def alive_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual indices alive here [A], their cache indices [A]) on ``device``, computed once
+        on the host: what the session scatters and gathers with, with no device-side search."""
+        cached = self._on.get(device)
+        if cached is None:
+            rows = self.alive_visual.nonzero().flatten()
+            cached = self._on[device] = (rows.to(device), self.visual_cache_index[rows].to(device))
+        return cached
+
+    @cached_property
+    def _on(self) -> dict:
+        return {}
+
 
 class CacheLayout:
     """The segments of one request, from its death layers (``TokenView.death``)."""

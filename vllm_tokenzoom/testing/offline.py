@@ -30,19 +30,23 @@ ENV = {
 def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_config: dict | None = None,
                 plugins: bool = True, llm_kwargs: dict | None = None, warmup: list[dict[str, Any]] = (),
                 batch: bool | int = False, env: dict[str, str] | None = None, preload: list[str] = (),
-                timeout: float = 600, trace: bool = False) -> dict[str, Any]:
+                timeout: float = 600, trace: bool = False, idle_sessions: bool = False) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
     ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
     ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
-    ``batch=True`` sends all requests in one ``generate`` call (no per-request traces);
+    ``batch=True`` sends all requests in one ``generate`` call (no per-request kept tokens);
     ``batch=N`` sends them N at a time (each video's pixels are held until it is encoded).
     ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``). ``preload``: modules
     the child imports before it builds the engine (test hooks; the engine runs in the
     child's own process); a module's ``report()`` result comes back under ``reports``.
-    ``trace``: each result carries ``traces`` (method -> decisions) and ``dp_trace``."""
+    ``trace``: each result carries ``traces`` (method -> decisions) and ``dp_trace``.
+    ``idle_sessions``: after the last request, the engine left idle for a second, the worker's
+    live tokenzoom sessions come back as ``idle_sessions`` (with multiprocessing, set
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` and ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` in ``env``)."""
     job = dict(model=model_dir, requests=requests, additional_config=additional_config or {},
-               llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch, preload=list(preload))
+               llm_kwargs=llm_kwargs or {}, warmup=list(warmup), batch=batch, preload=list(preload),
+               idle_sessions=idle_sessions)
     env = {**os.environ, **ENV, **({"TOKENZOOM_TRACE": "1"} if trace else {}), **(env or {})}
     if not plugins:
         env["VLLM_PLUGINS"] = "none"  # an allow-list naming no installed plugin
@@ -88,7 +92,10 @@ def _child() -> None:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     load_s = time.perf_counter() - t0
-    traced = _has_trace(llm)
+    # the readers by their module's name, not __main__'s: the engine core may unpickle them
+    from vllm_tokenzoom.testing import offline as readers
+
+    traced = readers._has_trace(llm)
 
     def prompt_of(req):
         question = req.get("question", "Describe what happens in this video.")
@@ -106,8 +113,8 @@ def _child() -> None:
                     engine_ttft=getattr(out.metrics, "first_token_latency", None),
                     num_preemptions=getattr(out.metrics, "num_preemptions", None),
                     decode_s=_decode_seconds(out),
-                    kept=_last_kept(llm) if traced and traces else None,
-                    **_traces(llm, traces))
+                    kept=readers._last_kept(llm) if traced and traces else None,
+                    **readers._traces(llm, out.request_id))
 
     def run(req):
         prompt = prompt_of(req)
@@ -130,7 +137,17 @@ def _child() -> None:
     else:
         outputs = [run(req) for req in job["requests"]]
     reports = {h.__name__: h.report() for h in hooks if hasattr(h, "report")}
-    print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs, reports=reports)), flush=True)
+    extra = {}
+    if job["idle_sessions"]:
+        time.sleep(1.0)
+        extra["idle_sessions"] = llm.apply_model(readers._live_sessions)[0]
+    print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs, reports=reports, **extra)), flush=True)
+
+
+def _live_sessions(model) -> int:
+    from vllm_tokenzoom.v1.worker.sessions import SESSIONS
+
+    return len(SESSIONS)
 
 
 def _decode_seconds(out) -> float | None:
@@ -140,29 +157,37 @@ def _decode_seconds(out) -> float | None:
     return last - first if first and last else None
 
 
+# What the child reads from the worker's model (module-level functions: with the engine core
+# in its own process, ``apply_model`` pickles them)
 def _has_trace(llm) -> bool:
-    return llm.apply_model(lambda m: getattr(m, "tokenzoom_pre_llm", None) is not None)[0]
+    return llm.apply_model(_pre_llm_configured)[0]
 
 
-def _traces(llm, wanted: bool) -> dict:
-    """The in-LLM methods' decisions for the request that just finished (``TOKENZOOM_TRACE=1``)."""
-    if not wanted or os.environ.get("TOKENZOOM_TRACE") != "1":
+def _pre_llm_configured(model) -> bool:
+    return getattr(model, "tokenzoom_pre_llm", None) is not None
+
+
+def _traces(llm, request_id: str) -> dict:
+    """The in-LLM methods' decisions for a finished request (``TOKENZOOM_TRACE=1``)."""
+    if os.environ.get("TOKENZOOM_TRACE") != "1":
         return dict(traces=None, dp_trace=None)
-
-    def read(model):
-        from vllm_tokenzoom.v1.worker.sessions import TRACES
-
-        return list(TRACES.values())[-1] if TRACES else None
-
-    traces = llm.apply_model(read)[0]
+    traces = llm.apply_model(functools.partial(_trace_of, request_id))[0]
     return dict(traces=traces, dp_trace=None if traces is None else traces.get("dp"))
 
 
-def _last_kept(llm) -> list[int]:
-    def read(model):
-        return model.tokenzoom_trace[-1].source.tolist()
+def _trace_of(request_id: str, model):
+    from vllm_tokenzoom.v1.worker.sessions import TRACES
 
-    return llm.apply_model(read)[0]
+    # vLLM's engine appends a random suffix to the request id the LLM gave (``input_processor.py``)
+    return next((t for rid, t in TRACES.items() if rid == request_id or rid.startswith(request_id + "-")), None)
+
+
+def _last_kept(llm) -> list[int]:
+    return llm.apply_model(_kept_source)[0]
+
+
+def _kept_source(model) -> list[int]:
+    return model.tokenzoom_trace[-1].source.tolist()
 
 
 if __name__ == "__main__":

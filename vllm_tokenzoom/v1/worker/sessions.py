@@ -105,18 +105,19 @@ class RequestSession:
             dropped, self.states[name] = self.prefill[name].decide(layer, scores, self.states.get(name))
             if dropped is not None:
                 self.view.drop_after(dropped, layer)
-                self._trace(name, (layer, (~dropped).nonzero().flatten().tolist()))
+                self._trace(name, lambda: (layer, (~dropped).nonzero().flatten().tolist()))
             return
         policy = self.decode[name]
         value, self.states[name] = policy.step(scores, self.states.get(name))
         self.view.push(name, policy.first_layer, position, value)
         self.decided_at[name] = position
-        self._trace(name, (position, None if value is None or bool((value == 1).all())
-                           else value.nonzero().flatten().tolist()))
+        self._trace(name, lambda: (position, None if value is None or bool((value == 1).all())
+                                   else value.nonzero().flatten().tolist()))
 
     def _trace(self, name: str, entry) -> None:
+        """Log a decision (``entry()``: built only when tracing; it syncs with the device)."""
         if tracing() and self.req_id in TRACES:
-            TRACES[self.req_id].setdefault(name, []).append(entry)
+            TRACES[self.req_id].setdefault(name, []).append(entry())
 
     # -- what the attention reads --------------------------------------------------------------
     def multiplicity(self, layer: int, position: int, segment: Segment, cache_len: int) -> torch.Tensor | None:
@@ -132,21 +133,21 @@ class RequestSession:
         if len(self._multiplicities) > 64:
             self._multiplicities.clear()
         visual = self.view.multiplicity(layer, position)  # [V]
-        alive = segment.alive_visual
+        rows, index = segment.alive_on(visual.device)  # host-computed integer indices: no device sync
         m = torch.ones(cache_len, dtype=torch.float32, device=visual.device)
-        index = segment.visual_cache_index[alive]
-        inside = index < cache_len
-        m[index[inside].to(visual.device)] = visual[alive.to(visual.device)][inside.to(visual.device)]
+        m[index] = visual[rows]
         self._multiplicities[key] = ((segment, factors), m)  # holds the objects whose ids make the key
         return m
 
-    def visual_scores(self, segment: Segment, mass: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """mass: [n] over the cache indices ``keys`` -> [V] fp32 per visual token (0 where dead)."""
-        index = segment.visual_cache_index.to(mass.device)
-        per_key = torch.zeros(int(index.max()) + 2 if index.numel() else 1, device=mass.device)
-        inside = keys.to(mass.device) < per_key.numel()
-        per_key[keys.to(mass.device)[inside]] = mass.float()[inside]
-        return torch.where(index >= 0, per_key[index.clamp(min=0)], torch.zeros((), device=mass.device))
+    def visual_scores(self, segment: Segment, mass: torch.Tensor, keys: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """mass: [n] over the cache indices ``keys`` (all < ``cache_len``) -> [V] fp32 per visual
+        token (0 where dead)."""
+        per_key = torch.zeros(cache_len, device=mass.device)
+        per_key[keys.to(mass.device)] = mass.float()
+        rows, index = segment.alive_on(mass.device)
+        scores = torch.zeros(self.token_map.num_visual, device=mass.device)
+        scores[rows] = per_key[index]
+        return scores
 
     def wants_key_copy(self, layer: int) -> bool:
         return any(p.key_copy and layer >= p.first_layer for p in self.decode.values())

@@ -86,7 +86,9 @@ class Step:
             return False
         self.builder, self.common, self.bound = builder, common, True
         qsl = common.query_start_loc_cpu.tolist()
-        seq_lens = common.seq_lens.cpu().tolist()  # CPU: no copy; TODO(GPU): seq_lens_cpu_upper_bound
+        # exact outside speculative decoding (refused with in-LLM methods); no device sync
+        upper = common.seq_lens_cpu_upper_bound
+        seq_lens = (upper if upper is not None else common.seq_lens.cpu()).tolist()
         rows = []
         for r, session in enumerate(self.sessions):
             n = qsl[r + 1] - qsl[r]
@@ -159,7 +161,7 @@ class Step:
 
     def record(self, layer: int, need: QueryNeed, mass: torch.Tensor, keys: torch.Tensor) -> None:
         """mass: [n] head-mean attention of ``need``'s query over the cache indices ``keys``."""
-        scores = need.session.visual_scores(need.segment, mass, keys)
+        scores = need.session.visual_scores(need.segment, mass, keys, need.cache_len)
         for name in need.scores:
             slot = (need.session, name, layer)
             position, total = self._inbox.get(slot, (need.position, None))

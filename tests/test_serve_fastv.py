@@ -1,0 +1,59 @@
+"""FastV served: `vllm serve DIR --plugin tokenzoom --additional-config {fastv...}` (alone, after
+TTM, and with TTM and dp) answers concurrent video chats through the `openai` client, each
+reply equal to that request alone (the dense reference), and holds no KV afterwards."""
+import json
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from vllm_tokenzoom.methods import DP, TTM, FastV
+from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
+from vllm_tokenzoom.testing.video import make_video, read_video, write_mp4
+
+FASTV = {"fastv": {"layer": 2, "prune_ratio": 0.5}}
+SETTINGS = {
+    "fastv": (FASTV, dict(fastv=FastV())),
+    "ttm+fastv": ({"ttm": {}, **FASTV}, dict(ttm=TTM(), fastv=FastV())),
+    "ttm+fastv+dp": ({"ttm": {}, **FASTV, "dp": {}}, dict(ttm=TTM(), fastv=FastV(), dp=DP())),
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    return [write_mp4(make_video(16, seed=70 + i), folder / f"v{i}.mp4") for i in range(3)]
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def served(request, tiny_model, videos):
+    methods, policies = SETTINGS[request.param]
+    args = cpu_serve_args(tiny_model, num_frames=16) + [
+        "--plugin", "tokenzoom", "--additional-config", json.dumps({"tokenzoom": {"methods": methods}})]
+    with vllm_server(args) as (url, _log):
+        yield url, policies
+
+
+def test_concurrent_video_chats_answer_as_alone(served, videos, dense):
+    url, policies = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY")
+    model = client.models.list().data[0].id
+
+    def ask(video):
+        reply = client.chat.completions.create(model=model, temperature=0.0, max_tokens=8,
+                                               messages=video_message(data_url(video), "Describe what happens."),
+                                               extra_body={"return_token_ids": True})
+        return reply.choices[0].model_extra["token_ids"]
+
+    with ThreadPoolExecutor(len(videos)) as pool:
+        replies = list(pool.map(ask, videos))
+    from vllm_tokenzoom.testing.video import chat_prompt
+
+    question = chat_prompt(dense.processor.tokenizer, "Describe what happens.")
+    alone = [dense.generate(read_video(v), question, max_new_tokens=8, **policies).tokens for v in videos]
+    assert replies == alone
+    with urllib.request.urlopen(url + "/metrics") as r:
+        usage = [float(v) for v in re.findall(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", r.read().decode(), re.M)]
+    assert usage and all(u == 0.0 for u in usage)
