@@ -24,7 +24,9 @@ SETTINGS = {
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
-    return [write_mp4(make_video(16, seed=70 + i), folder / f"v{i}.mp4") for i in range(3)]
+    # seeds whose TTM choices are clear of fp32 rounding (vLLM's and HF's vision towers differ
+    # at ~1e-6; e.g. seed 72's mp4 has two near-tied tokens that swap, at every commit)
+    return [write_mp4(make_video(16, seed=40 + i), folder / f"v{i}.mp4") for i in range(3)]
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
