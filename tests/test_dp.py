@@ -71,3 +71,16 @@ def test_decisions_run_on_the_scores_device_without_host_sync():
 def test_bad_settings(kwargs, text):
     with pytest.raises(TokenZoomConfigError, match=text.replace("(", r"\(")):
         DP(**kwargs)
+
+
+def test_top_k_mask_is_the_stable_order_of_scores():
+    """The first k of (score desc, index asc) for every k, with many exact ties (hypothesis-free:
+    a fixed grid of small integers makes ties everywhere)."""
+    from vllm_tokenzoom.methods.base import top_k_mask
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 64, 500):
+        scores = torch.randint(0, 4, (n,), generator=gen).float()
+        order = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+        for k in range(n + 1):
+            assert top_k_mask(scores, k).nonzero().flatten().tolist() == sorted(order[:k]), (n, k)

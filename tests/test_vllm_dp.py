@@ -99,13 +99,16 @@ def test_chunked_prefill(tiny_model, references):
 
 def test_preemption_under_kv_pressure(tiny_model, references):
     """Two 16-frame requests (12-block prompts), KV for both to decode 128 tokens, not more:
-    one is preempted mid-decode and recomputed, its decode-time views replayed per position,
-    its key copies made again from the recomputed KV; outputs equal the unpressured run."""
+    one is preempted mid-decode and recomputed, its decode-time views replayed per position
+    (from the compact history, each generated query through the C++ kernel: the dense torch
+    reference is never called), its key copies made again from the recomputed KV; outputs
+    equal the unpressured run."""
     requests = [dict(VIDEOS[0], max_tokens=140), dict(frames=16, seed=53, max_tokens=140)]
     kwargs = {"num_gpu_blocks_override": 27, "max_model_len": 3072}
     pressured = run_offline(tiny_model, requests, DYCOKE, llm_kwargs=kwargs, batch=True,
-                            preload=["tests.key_copy_hook"])
+                            preload=["tests.key_copy_hook", "tests.kernel_calls_hook"])
     made = pressured["reports"]["tests.key_copy_hook"]
+    assert pressured["reports"]["tests.kernel_calls_hook"]["reference_calls"] == 0
     pressured = pressured["outputs"]
     assert sum(o["num_preemptions"] for o in pressured) >= 1
     pruned = TINY_LAYERS - DP().layer

@@ -32,7 +32,7 @@ class History:
     """The distinct values one policy layer took, and from which query position each is in force."""
 
     starts: list[int] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)  # [V] float32, None = all ones
+    values: list[torch.Tensor | None] = field(default_factory=list)  # [V] counts (uint8) or float32; None = all ones
     pending: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
 
     @property
@@ -126,7 +126,7 @@ class TokenView:
         None when all ones. (Death layers are not in it: a dead token is not in the layer's cache.)"""
         out = None
         for value in self.factors(layer, position):
-            out = value if out is None else out * value
+            out = value.float() if out is None else out * value
         return out
 
     @property

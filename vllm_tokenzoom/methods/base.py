@@ -164,9 +164,25 @@ class DecodePolicy(Policy):
 
     def step(self, scores: torch.Tensor, state: Any) -> tuple[torch.Tensor | None, Any]:
         """scores: [V] fp32 of the current decode query; state: carried from the previous step
-        (None at first). -> (multiplicity [V] float32, or None for all ones; the next state).
+        (None at first). -> (multiplicity [V]: integer counts as uint8, or float32; None for all
+        ones; the next state). The session keeps every distinct value (compact history): the
+        smaller the dtype, the less a request holds.
         Returning the same tensor object as the step before means "unchanged" (compact history)."""
         raise NotImplementedError
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[V] scores -> [V] bool marking the k largest, ties to the earlier index: the first k of
+    the order (score desc, index asc), as a stable argsort gives, from ``topk`` and a running
+    count of the ties at the boundary (several times faster than a stable sort on CPU; no
+    host synchronisation)."""
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    boundary = torch.topk(scores, k).values[-1]
+    above = scores > boundary
+    tied = scores == boundary
+    return above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
 
 
 def check_ratio(name: str, value: float, low: float = 0.0, high: float = 1.0, high_open: bool = True) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods.base import DecodePolicy, Queries, ScoreRequest, check_choice, check_ratio
+from vllm_tokenzoom.methods.base import DecodePolicy, Queries, ScoreRequest, check_choice, check_ratio, top_k_mask
 
 VARIANTS = ("paper", "official")
 
@@ -99,24 +99,16 @@ class DP(DecodePolicy):
 
     def step(self, scores: torch.Tensor, state: DPState | None) -> tuple[torch.Tensor, DPState]:
         """scores: [V] attention mass of the current query on each visual token (head mean,
-        at the score layer). -> (multiplicity [V] float32 for layers >= L: 1 read, 0 skipped;
+        at the score layer). -> (multiplicity [V] uint8 for layers >= L: 1 read, 0 skipped;
         the next state). Pure, and free of host synchronisation: the stable/unstable branch is
         a ``torch.where`` on the scores' device."""
         scores = scores.float()
         chosen = top_k_mask(scores, self.num_kept(scores.numel()))
         if state is None:
-            return chosen.float(), DPState(scores, chosen)
+            return chosen.to(torch.uint8), DPState(scores, chosen)
         cosine = torch.nn.functional.cosine_similarity(scores, state.last_scores, dim=0)
         stable = cosine >= self.threshold  # 0-d bool
         selection = torch.where(stable, state.selection, chosen)
         if self.variant == "paper":
-            return selection.float(), DPState(scores, selection)
-        return torch.where(stable, torch.ones_like(scores), chosen.float()), DPState(scores, selection)
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[V] scores -> [V] bool marking the k largest (ties: the earlier index)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask
+            return selection.to(torch.uint8), DPState(scores, selection)
+        return torch.where(stable, torch.ones_like(chosen), chosen).to(torch.uint8), DPState(scores, selection)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
-from vllm_tokenzoom.methods.base import PrefillPolicy, Queries, ScoreRequest, check_ratio
+from vllm_tokenzoom.methods.base import PrefillPolicy, Queries, ScoreRequest, check_ratio, top_k_mask
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,4 @@ class FastV(PrefillPolicy):
         """scores: [V] at layer ``K - 1`` -> ([V] bool, True for the tokens that leave after it)."""
         if layer != self.layer - 1:
             return None, state
-        order = torch.argsort(scores.float(), descending=True, stable=True)
-        dropped = torch.ones_like(scores, dtype=torch.bool)
-        dropped[order[:self.num_kept(scores.numel())]] = False
-        return dropped, None
+        return ~top_k_mask(scores.float(), self.num_kept(scores.numel())), None
