@@ -118,6 +118,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clips", type=int, default=200, help="test clips (about 5.7 questions each)")
     ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
     ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
+    ap.add_argument("--budgets", default="", help="comma-separated baseline budgets to run (default: all of them)")
     ap.add_argument("--quick", action="store_true",
                     help="40 clips; TTM K=0.7, FastV R=0.75, DyCoke, baselines at their shares and 15%%")
     args = ap.parse_args(argv)
@@ -133,6 +134,10 @@ def main(argv=None) -> None:
     chosen = settings(args.quick, num_layers)
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
+    if args.budgets:
+        wanted = {f"{float(b):.2f}" for b in args.budgets.split(",")}
+        chosen = [s for s in chosen if s[1] not in ("random_drop", "frame_sampling", "spatial_pool")
+                  or s[0].split()[-1] in wanted]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
                 torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", clips=args.clips, questions=len(questions))
     rows = []

@@ -127,7 +127,9 @@ class Step:
         """The queries tokenzoom's indexed path computes at ``layer`` (after settling decisions)."""
         self.settle()
         layout = self.layout(layer)
-        key = (id(layout), self.version, layer in self._score_layers, tuple(layer >= f for f in self._first_layers))
+        # layers that read the same layout and views and score nothing share their needs
+        scoring = layer if layer in self._score_layers else None
+        key = (id(layout), self.version, scoring, tuple(layer >= f for f in self._first_layers))
         cached = self._needs.get(key)
         if cached is not None:
             return cached

@@ -21,8 +21,11 @@ logger = logging.getLogger("vllm.tokenzoom")
 REPORT_ATTR = "tokenzoom_free_blocks"
 
 
+_FREED_KEEP = 4096  # the log of freed blocks keeps the most recent ones only (a server runs for long)
+
+
 class TokenZoomSchedulerMixin:
-    # (request id, logical block, physical block id) of every block freed, for tests and logs
+    # (request id, logical block, physical block id) of the most recent blocks freed, for tests and logs
     tokenzoom_freed: list[tuple[str, int, int]]
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -51,6 +54,7 @@ class TokenZoomSchedulerMixin:
         if not hasattr(self, "tokenzoom_freed"):
             self.tokenzoom_freed = []
         self.tokenzoom_freed += [(req_id, j, block.block_id) for j, block in freed]
+        del self.tokenzoom_freed[:-_FREED_KEEP]
         logger.debug("tokenzoom freed blocks %s of %s", [b.block_id for _, b in freed], req_id)
 
 
