@@ -69,6 +69,15 @@ class Segment:
         """[V] int64 each visual token's cache index (-1: dead here)."""
         return self.cache_index(self.visual_positions)
 
+    @cached_property
+    def copy_rows(self) -> torch.Tensor:
+        """[c] int32: each cache index's row in a key copy of the alive visual tokens (-1: none);
+        one object for every layer's copy, so the kernels' per-step key rows are computed once."""
+        from vllm_tokenzoom.ops import rows_of
+
+        index = self.visual_cache_index
+        return rows_of(index[index >= 0])
+
     def alive_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(visual indices alive here [A], their cache indices [A]) on ``device``, computed once
         on the host: what the session scatters and gathers with, with no device-side search."""

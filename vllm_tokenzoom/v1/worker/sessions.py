@@ -27,7 +27,7 @@ from vllm_tokenzoom.kv.layout import CacheLayout, Segment
 from vllm_tokenzoom.kv.token_map import TokenMap
 from vllm_tokenzoom.kv.view import TokenView
 from vllm_tokenzoom.methods.base import DecodePolicy, PrefillPolicy, Queries
-from vllm_tokenzoom.ops import KeyCopy, copy_keys, rows_of
+from vllm_tokenzoom.ops import KeyCopy, copy_keys
 
 SESSIONS: dict[str, "RequestSession"] = {}
 # opt-in decision log of the most recent requests (tests, debugging): req_id -> {policy: [...]}
@@ -157,8 +157,8 @@ class RequestSession:
         copy = self.key_copies.get(layer)
         if copy is None:
             index = segment.visual_cache_index
-            index = index[index >= 0]
-            copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, index, rows_of(index))
+            copy = self.key_copies[layer] = copy_keys(k_region, k_offsets, block_row, index[index >= 0],
+                                                      segment.copy_rows)
         return copy
 
     def track_blocks(self, block_ids, block_size: int) -> None:
