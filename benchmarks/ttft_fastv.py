@@ -42,11 +42,6 @@ SETTINGS = {  # name -> tokenzoom methods (None: vanilla vLLM, no plugin loaded)
 }
 
 
-def isa() -> str:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    return "avx512" if "avx512f" in flags.split() else "avx2"
-
-
 def layer_flops(n: int, cfg: dict) -> float:
     """One Qwen2 decoder layer over n rows attending causally to each other (prefill)."""
     d, m = cfg["hidden_size"], cfg["intermediate_size"]
@@ -97,7 +92,7 @@ def main(argv=None) -> None:
                 runs["vanilla", oracle] = run(args.model, "vanilla", oracle, args.reps, seed0=3000 + oracle)
     rows = [_row(name, frames, runs, cfg) for (name, frames) in runs if name in SETTINGS and (name != "vanilla" or
                                                                                         ("fastv", frames) in runs)]
-    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), isa=isa(), model=args.model, reps=args.reps,
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), model=args.model, reps=args.reps,
                 vllm=_version("vllm"), torch=_version("torch"), dtype="float32",
                 mode="offline LLM, in-process engine, eager, caches off", wall_s=round(time.time() - t0))
     save(rows, runs, meta)
@@ -140,7 +135,7 @@ def save(rows, runs, meta) -> None:
     cols = ["setting", "frames", "visual_kv_share", "ttft_s", "vision_s", "llm_s", "ttft_over_vanilla",
             "llm_over_vanilla", "llm_flops_over_vanilla", "llm_over_prediction", "predicted_ttft_s", "oracle_frames",
             "ttft_over_oracle"]
-    lines = [f"TTFT, {meta['model']}, {meta['machine']} ({meta['isa']}), {meta['date']}, median of {meta['reps']}", "",
+    lines = [f"TTFT, {meta['model']}, {meta['machine']}, {meta['date']}, median of {meta['reps']}", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     (RESULTS / "ttft_fastv_latest.md").write_text("\n".join(lines) + "\n")
@@ -167,7 +162,7 @@ def plot(rows, meta, path: Path) -> None:
         ax.set_title(f"{f} frames", fontsize=9)
         ax.set_ylabel("seconds")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"TTFT, {Path(meta['model']).name}, fp32, {meta['machine']} ({meta['isa']})", fontsize=9)
+    fig.suptitle(f"TTFT, {Path(meta['model']).name}, fp32, {meta['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -33,12 +33,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PER_FRAME = 196
 
 
+def isa() -> str:
+    """The vector ISA vLLM's CPU path and tokenzoom's C++ kernel run on here: timings differ
+    4-8x between the two, so every results row names it."""
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return "avx512" if "avx512f" in flags.split() else "avx2"
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     import os
 
-    return f"{os.cpu_count()} x {cpu}, {platform.system()}"
+    return f"{os.cpu_count()} x {cpu}, {platform.system()}, {isa()}"
 
 
 def timed(model, frames_list, reps, seed0, additional_config=None, plugins=True):
