@@ -1,4 +1,4 @@
-"""Prefill-time probe for benchmarks/ttft_fastv.py, imported by the offline child before its
+"""Prefill-time probe for benchmarks/ttft_prefill.py, imported by the offline child before its
 engine starts (``run_offline(..., preload=["prefill_probe"])``; the model runs in that process).
 
 Times, per engine step, the runner's multimodal encoder (``_execute_mm_encoder``: vision

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ttft_fastv import isa  # noqa: E402
+from ttft_ttm import isa  # noqa: E402
 from ttft_ttm import RESULTS, machine  # noqa: E402
 
 from vllm_tokenzoom.kv.token_map import TokenMap  # noqa: E402

@@ -4,7 +4,8 @@
 
 The model is the ``tiny`` preset of ``vllm_tokenzoom.testing.tiny_model`` (SigLIP 384 px,
 2 layers of width 64; Qwen2 LM, 4 layers, hidden 128, 4 heads, 2 KV heads): the real
-architecture at small dimensions. The vision tower stays frozen at its random init
+architecture at small dimensions; ``--preset tiny-deep`` gives it 12 LM layers (methods that
+act across many layers, as VAS, need them). The vision tower stays frozen at its random init
 (seed 0) and its features are computed once per clip and cached; the projector, the
 video newline and the LM are trained (AdamW, cosine schedule).
 
@@ -53,12 +54,13 @@ from vllm_tokenzoom.testing.video import chat_prompt
 GRID = videoqa.GRID  # token cells per frame side (196 per frame)
 
 
-def build_model(seed: int):
-    """(model, processor): tiny LLaVA-OneVision; frozen random vision tower, GPT-style init elsewhere."""
+def build_model(seed: int, preset: str = "tiny"):
+    """(model, processor): a tiny LLaVA-OneVision (``tiny_model.PRESETS[preset]``); frozen random
+    vision tower, GPT-style init elsewhere."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     tokenizer = build_tokenizer(0)
-    config = tiny_model.build_config("tiny", tokenizer)
+    config = tiny_model.build_config(preset, tokenizer)
     config.architectures = ["LlavaOnevisionForConditionalGeneration"]
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
@@ -230,7 +232,10 @@ def evaluate(model, prompts, features, seeds, drop: float = 0.0, seed: int = 0) 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="checkpoints/videoqa-tiny")
-    ap.add_argument("--cache", default="models/videoqa-features", help="where tower features are cached")
+    ap.add_argument("--preset", choices=("tiny", "tiny-deep"), default="tiny",
+                    help="the model shape (tiny_model.PRESETS): 4 LM layers, or 12 for methods acting across many")
+    ap.add_argument("--cache", help="where tower features are cached (default: models/videoqa-features, "
+                                    "suffixed with the preset's name but for tiny's: each preset's tower differs)")
     ap.add_argument("--train-clips", type=int, default=1000)
     ap.add_argument("--val-clips", type=int, default=60)
     ap.add_argument("--test-clips", type=int, default=200)
@@ -252,12 +257,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.train_clips, args.val_clips, args.test_clips, args.steps, args.eval_every = 8, 4, 4, 20, 10
+    if args.cache is None:
+        args.cache = "models/videoqa-features" + ("" if args.preset == "tiny" else f"-{args.preset}")
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     rng = random.Random(args.seed + 1)
     from tqdm import tqdm
 
-    model, processor = build_model(args.seed)
+    model, processor = build_model(args.seed, args.preset)
     if args.init:
         from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -319,7 +326,7 @@ def main(argv=None) -> None:
     train_s = time.perf_counter() - t0
     model.eval()
     metrics = {
-        "config": vars(args), "preset": "tiny", "machine": platform.processor() or platform.machine(),
+        "config": vars(args), "preset": args.preset, "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "train_minutes": round(train_s / 60, 1),
         "history": history, "distractors_from_step": found,
         "test_full": evaluate(model, prompts, features, test),
@@ -331,7 +338,7 @@ def main(argv=None) -> None:
     model.generation_config.save_pretrained(out)
     tiny_model.save_weights(model, out)
     processor.save_pretrained(out)
-    (out / "tokenzoom_model.json").write_text(json.dumps({"preset": "tiny", "trained": "videoqa", "seed": args.seed}) + "\n")
+    (out / "tokenzoom_model.json").write_text(json.dumps({"preset": args.preset, "trained": "videoqa", "seed": args.seed}) + "\n")
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     print(json.dumps({k: metrics[k] for k in ("train_minutes", "test_full", "test_random_drop_85")}, indent=1))
 
