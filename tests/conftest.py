@@ -22,11 +22,27 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_deep_model(tmp_path_factory) -> str:
+    """``tiny`` with 12 LM layers (methods acting across many layers: VAS)."""
+    from vllm_tokenzoom.testing.tiny_model import build
+
+    return str(build(tmp_path_factory.mktemp("models") / "tiny-deep", preset="tiny-deep", seed=0))
+
+
+@pytest.fixture(scope="session")
 def dense(tiny_model):
     """The HF-transformers reference model (no vLLM)."""
     from vllm_tokenzoom.reference.llava_onevision import DenseLlavaOnevision
 
     return DenseLlavaOnevision(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def dense_deep(tiny_deep_model):
+    """The HF-transformers reference of ``tiny-deep``."""
+    from vllm_tokenzoom.reference.llava_onevision import DenseLlavaOnevision
+
+    return DenseLlavaOnevision(tiny_deep_model)
 
 
 @pytest.fixture(scope="session")

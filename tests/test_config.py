@@ -52,6 +52,16 @@ def test_fastv_settings_and_preset():
     assert cfg.fastv == FastV(layer=3, prune_ratio=0.75) and cfg.ttm == TTM() and cfg.dp == DP()
 
 
+def test_vas_and_cascade_presets():
+    from vllm_tokenzoom.methods import VAS
+
+    assert parse_config({"tokenzoom": {"preset": "vas"}}).methods == {"vas": VAS()}
+    cascade = parse_config({"tokenzoom": {"preset": "cascade"}})
+    assert list(cascade.methods) == ["ttm", "vas", "dp"]
+    assert (cascade.ttm, cascade.vas, cascade.dp) == (TTM(prune_ratio=0.7), VAS(), DP(layer=3, prune_ratio=0.7))
+    assert cascade.for_model(24).vas == VAS(end_layer=19)  # the model-dependent default, filled in
+
+
 def test_requirements_are_the_union_of_the_methods():
     ttm = parse_config({"tokenzoom": {"preset": "ttm"}}).requirements
     assert not (ttm.prefix_caching_off or ttm.one_step_prefill or ttm.attention_backend) and ttm.kv_cache_dtypes is None
@@ -99,8 +109,12 @@ def test_list_and_optional_settings(monkeypatch):
         ({"methods": {"ttm": {"window": 8}}}, ["tokenzoom.methods.ttm", "'window'", "'prune_ratio', 'variant'"]),
         ({"methods": {"ttm": 0.7}}, ["tokenzoom.methods.ttm", "0.7", "object"]),
         ({"methods": ["ttm"]}, ["tokenzoom.methods", "['ttm']", "object"]),
-        ({"methods": {"vas": {}}}, ["'vas'", "not implemented yet", "implemented: 'ttm', 'fastv', 'dp'"]),
-        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm', 'fastv', 'dp'", "'vas', 'ata', 'voa'"]),
+        ({"methods": {"ata": {}}}, ["'ata'", "not implemented yet", "implemented: 'ttm', 'fastv', 'vas', 'dp'"]),
+        ({"methods": {"h2o": {}}}, ["unknown method 'h2o'", "allowed: 'ttm', 'fastv', 'vas', 'dp'", "'ata', 'voa'"]),
+        ({"methods": {"fastv": {}, "vas": {}}}, ["'fastv', 'vas' both act inside the LLM", "at most one"]),
+        ({"methods": {"vas": {"ratio": 0}}}, ["tokenzoom.methods.vas.ratio", "0 < ratio < 1"]),
+        ({"methods": {"vas": {"coefficients": [1, 2]}}}, ["tokenzoom.methods.vas.coefficients", "three numbers"]),
+        ({"methods": {"vas": {"end_layer": "last"}}}, ["tokenzoom.methods.vas.end_layer", "'last'", "int or null"]),
         ({"methods": {}}, ["tokenzoom.methods is empty", "'ttm'", "'dycoke'"]),
         ({"methods": {"ttm": {}, "random_drop": {}}}, ["'ttm', 'random_drop' both act before the LLM", "at most one"]),
         ({"methods": {"fastv": {"layer": 0}}}, ["tokenzoom.methods.fastv.layer", "0", "layer >= 1"]),
@@ -109,8 +123,9 @@ def test_list_and_optional_settings(monkeypatch):
         ({"methods": {"dp": {"layer": 2.5}}}, ["tokenzoom.methods.dp.layer", "2.5", "int"]),
         ({"methods": {"dp": {"threshold": 2}}}, ["tokenzoom.methods.dp.threshold", "2", "-1.0 <= threshold <= 1.0"]),
         ({"methods": {"dp": {"top_k": 3}}}, ["tokenzoom.methods.dp", "'top_k'", "'layer', 'prune_ratio', 'threshold', 'variant'"]),
-        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet", "presets available now: 'ttm', 'dycoke', 'fastv'"]),
-        ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'fastv', 'zoomvlm'"]),
+        ({"preset": "zoomvlm"}, ["'zoomvlm'", "'voa', 'ata'", "not implemented yet",
+                             "presets available now: 'ttm', 'dycoke', 'fastv', 'vas', 'cascade'"]),
+        ({"preset": "fastest"}, ["tokenzoom.preset", "'fastest'", "'ttm', 'dycoke', 'fastv', 'vas', 'cascade'"]),
         ({"preset": 3}, ["tokenzoom.preset", "3"]),
         ({"ttm": {"prune_ratio": 0.7}}, ["tokenzoom", "unknown key(s) 'ttm'", "'preset', 'methods'"]),
         ("ttm", ["tokenzoom", "'ttm'", "object"]),

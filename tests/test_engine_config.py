@@ -187,3 +187,50 @@ def test_prefill_methods_refuse_what_cannot_work_and_fit_what_can(tiny_model):
 def test_prefill_methods_turn_chunked_prefill_off(tiny_model):
     (line,) = _llm_attempts(tiny_model, [({"tokenzoom": {"methods": {"fastv": {}}}}, {})])
     assert line == "STARTED False 4096"  # chunked prefill off; every prompt up to max_model_len in one step
+
+
+def test_vas_settings_and_engine_refusals_name_what_to_change(tiny_model, tiny_deep_model):
+    """VAS's default end layer (last index - 4) does not fit a 4-layer model; with the 12-layer
+    one, the one-step prefill it needs refuses chunked prefill and a --max-num-batched-tokens
+    below --max-model-len, naming the setting (the cascade preset, which holds it, too)."""
+    (line,) = _llm_attempts(tiny_model, [({"tokenzoom": {"preset": "vas"}}, {})])
+    assert line.startswith("TokenZoomConfigError: tokenzoom.methods.vas.end_layer (unset: last layer index - 4 "
+                           "= -1) = -1 is out of range for this model; allowed: start_layer + 2 = 4 <= end_layer <= 2")
+    lines = _llm_attempts(tiny_deep_model, [
+        ({"tokenzoom": {"preset": "cascade"}}, {"max_num_batched_tokens": 2048}),
+        ({"tokenzoom": {"preset": "vas"}}, {"enable_chunked_prefill": True}),
+        ({"tokenzoom": {"preset": "cascade"}}, {}),
+    ])
+    assert "tokenzoom method(s) 'vas' prefill each prompt in one step" in lines[0]
+    assert "--max-num-batched-tokens must be at least --max-model-len" in lines[0]
+    assert "tokenzoom method(s) 'vas' need each video and the text after it in one prefill step" in lines[1]
+    assert "drop --enable-chunked-prefill" in lines[1]
+    assert lines[2] == "STARTED False 4096"
+
+
+def test_a_prompt_longer_than_one_prefill_step_is_refused_per_request(tiny_deep_model):
+    """With VAS every prompt is one prefill step of at most --max-model-len tokens: a longer
+    one (a 32-frame video at 2048) is refused as that request's error, naming max_model_len;
+    the engine then serves the next request."""
+    code = (
+        "import sys\n"
+        "from vllm import LLM, SamplingParams\n"
+        "from vllm_tokenzoom.testing.video import chat_prompt, make_video\n"
+        "if __name__ == '__main__':\n"
+        "    llm = LLM(model=sys.argv[1], dtype='float32', max_model_len=2048, enforce_eager=True,\n"
+        "              limit_mm_per_prompt={'image': 0, 'video': 1}, additional_config={'tokenzoom': {'preset': 'cascade'}})\n"
+        "    prompt = chat_prompt(llm.get_tokenizer())\n"
+        "    for frames in (32, 8):\n"
+        "        try:\n"
+        "            out = llm.generate([{'prompt': prompt, 'multi_modal_data': {'video': make_video(frames)}}],\n"
+        "                               SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)\n"
+        "            print('ATTEMPT TOKENS', len(out[0].outputs[0].token_ids), flush=True)\n"
+        "        except Exception as e:\n"
+        "            print('ATTEMPT', type(e).__name__ + ':', str(e).replace(chr(10), ' '), flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, tiny_deep_model], capture_output=True, text=True,
+                          env={**__import__("os").environ, **ENV}, timeout=600)
+    lines = [line[len("ATTEMPT "):] for line in proc.stdout.splitlines() if line.startswith("ATTEMPT ")]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert lines[0].startswith("ValueError:") and "max_model_len" in lines[0] and "2048" in lines[0], lines[0]
+    assert lines[1] == "TOKENS 3"

@@ -2,8 +2,11 @@
 tokens and the same greedy tokens in fp32, alone, after TTM, with DyCoke's dp, in batches
 mixed with plain and dp requests, after preemption; and the later layers really compute
 fewer rows."""
+import json
+
 import pytest
 
+from tests.parity import assert_matches
 from vllm_tokenzoom.methods import DP, TTM, FastV
 from vllm_tokenzoom.testing.offline import load_video, run_offline
 from vllm_tokenzoom.testing.tiny_model import PRESETS
@@ -34,13 +37,6 @@ def reference(dense, prompt):
         return cache[key]
 
     return of
-
-
-def assert_matches(got, ref):
-    for name, trace in ref.traces.items():
-        assert [[list(x) if isinstance(x, (list, tuple)) else x for x in step] for step in got["traces"][name]] == \
-               [[list(x) if isinstance(x, (list, tuple)) else x for x in step] for step in trace], name
-    assert got["tokens"] == ref.tokens
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
@@ -79,7 +75,9 @@ def test_mixed_batch_fastv_dp_and_plain_requests(tiny_model, reference, vanilla_
     assigns the policies per request) and a plain text request, each equal to its reference."""
     batch = [VIDEOS[0], TEXT[0], VIDEOS[1], VIDEOS[2], dict(VIDEOS[0], seed=63)]
     config = {"tokenzoom": {"methods": {"fastv": {"layer": 2, "prune_ratio": 0.5}, "dp": {}}}}
-    outputs = run_offline(tiny_model, batch, config, batch=True, preload=["tests.policy_mix_hook"],
+    fastv, dp = {"fastv": {"layer": 2, "prune_ratio": 0.5}}, {"dp": {}}
+    mix = {"TOKENZOOM_TEST_MIX": json.dumps([fastv, dp, {**fastv, **dp}])}
+    outputs = run_offline(tiny_model, batch, config, batch=True, preload=["tests.policy_mix_hook"], env=mix,
                           trace=True)["outputs"]
     mix = [dict(fastv=FASTV), dict(dp=DP()), dict(fastv=FASTV, dp=DP()), dict(fastv=FASTV)]
     for i, policies in zip((0, 2, 3, 4), mix):

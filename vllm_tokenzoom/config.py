@@ -30,6 +30,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ttm": {"ttm": {"prune_ratio": 0.7}},
     "dycoke": {"ttm": {"prune_ratio": 0.7}, "dp": {"layer": 3, "prune_ratio": 0.7}},
     "fastv": {"fastv": {"layer": 2, "prune_ratio": 0.5}},
+    "vas": {"vas": {}},
+    # the three stages: TTM before the LLM, VAS inside it during prefill, dp between decode steps
+    "cascade": {"ttm": {"prune_ratio": 0.7}, "vas": {}, "dp": {"layer": 3, "prune_ratio": 0.7}},
     "zoomvlm": {"voa": {}, "ata": {}},
 }
 # what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean: DyCoke with the paper's settings
@@ -75,6 +78,17 @@ class TokenZoomConfig:
     def needing(self, requirement: str) -> list[str]:
         """Names of the enabled methods whose requirements set ``requirement``."""
         return [name for name, p in self.methods.items() if getattr(p.requirements, requirement)]
+
+    def for_model(self, num_layers: int) -> "TokenZoomConfig":
+        """Every policy checked against a model of ``num_layers`` decoder layers, its
+        model-dependent defaults filled in (``Policy.for_model``)."""
+        methods = {}
+        for name, policy in self.methods.items():
+            try:
+                methods[name] = policy.for_model(num_layers)
+            except TokenZoomConfigError as e:
+                raise TokenZoomConfigError(f"{CONFIG_KEY}.methods.{name}.{e}") from None
+        return dataclasses.replace(self, methods=types.MappingProxyType(methods))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form, which parses back to an equal config."""

@@ -96,9 +96,4 @@ def refuse_batched_tokens(config, error: ValueError) -> None:
 
 def check_model(config, vllm_config) -> None:
     """Every policy's settings against the model (e.g. a layer index within its layers)."""
-    num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-    for name, policy in config.methods.items():
-        try:
-            policy.check_model(num_layers)
-        except TokenZoomConfigError as e:
-            raise TokenZoomConfigError(f"tokenzoom.methods.{name}.{e}") from None
+    config.for_model(vllm_config.model_config.hf_text_config.num_hidden_layers)

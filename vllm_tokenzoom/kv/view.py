@@ -27,6 +27,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def visual_kv_share(death: torch.Tensor, num_layers: int) -> float:
+    """methods-spec §0 (VAS's "Img-Memory"): the share of the visual tokens whose KV a layer
+    holds, averaged over the layers, from each token's death layer ``death`` [V]."""
+    return float((death + 1).sum()) / (num_layers * death.numel()) if death.numel() else 1.0
+
+
 @dataclass
 class History:
     """The distinct values one policy layer took, and from which query position each is in force."""
@@ -87,6 +93,10 @@ class TokenView:
         if bool(dropped.any()):
             self.death[dropped] = layer
             self.death_version += 1
+
+    @property
+    def visual_kv_share(self) -> float:
+        return visual_kv_share(self.death, self.num_layers)
 
     def alive(self, layer: int) -> torch.Tensor:
         """[V] bool: the visual tokens layer ``layer`` computes."""

@@ -20,18 +20,20 @@ from vllm_tokenzoom.methods.baselines import FrameSampling, RandomDrop, SpatialP
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
+from vllm_tokenzoom.methods.vas import VAS
 
 # config name -> policy class, for the methods that work today (the last three are baselines)
 REGISTRY: dict[str, type[Policy]] = {
     "ttm": TTM,
     "fastv": FastV,
+    "vas": VAS,
     "dp": DP,
     "random_drop": RandomDrop,
     "frame_sampling": FrameSampling,
     "spatial_pool": SpatialPool,
 }
 # names reserved for the methods of the roadmap (README "Methods")
-PLANNED = ("vas", "ata", "voa")
+PLANNED = ("ata", "voa")
 # at most one policy per config for these stages (one pre-LLM plan per video, one death-layer writer)
 ONE_PER_CONFIG = (Stage.PRE_LLM, Stage.PREFILL)
 
@@ -42,4 +44,4 @@ def of_stage(stage: Stage) -> tuple[str, ...]:
 
 __all__ = ["DP", "FastV", "PLANNED", "REGISTRY", "TTM", "DecodePolicy", "FrameSampling", "KeptTokens", "Policy",
            "PreLLMPolicy", "PrefillPolicy", "Queries", "RandomDrop", "Requirements", "ScoreRequest", "SpatialPool",
-           "Stage", "of_stage"]
+           "Stage", "VAS", "of_stage"]

@@ -86,6 +86,11 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         """Raise :class:`TokenZoomConfigError` when a setting does not fit a model of ``num_layers`` layers."""
 
+    def for_model(self, num_layers: int) -> "Policy":
+        """The policy with its model-dependent defaults filled in (checked with :meth:`check_model`)."""
+        self.check_model(num_layers)
+        return self
+
     def score_requests(self) -> tuple[ScoreRequest, ...]:
         return ()
 
@@ -142,11 +147,21 @@ class PrefillPolicy(Policy):
     stage = Stage.PREFILL
     requirements = IN_LLM | Requirements(one_step_prefill=True)
 
+    def start(self, token_map) -> Any:
+        """The state a request starts its prefill with (``kv/token_map.TokenMap``: each visual
+        token's video, frame and cell)."""
+        return None
+
     def decide(self, layer: int, scores: torch.Tensor, state: Any) -> tuple[torch.Tensor | None, Any]:
         """scores: [V] fp32 at ``layer`` (0 for tokens already dropped); state: what this policy
-        carried from earlier layers of this prefill (None at first).
+        carried from earlier layers of this prefill (:meth:`start` at first).
         -> (a [V] bool mask of the tokens whose rows leave after ``layer``, or None; the next state)."""
         raise NotImplementedError
+
+    def describe(self, layer: int, dropped: torch.Tensor, state: Any) -> Any:
+        """The trace entry of a drop at ``layer`` (``state``: after it): the layer and the
+        visual indices still alive."""
+        return layer, (~dropped).nonzero().flatten().tolist()
 
 
 class DecodePolicy(Policy):

@@ -38,7 +38,9 @@ from vllm_tokenzoom.v1.worker import step as steps
 def config_of(hf_config):
     """The tokenzoom config the engine was configured with, or None."""
     resolved = getattr(hf_config, HF_CONFIG_ATTR, None)
-    return None if resolved is None else parse_config({"tokenzoom": resolved})
+    if resolved is None:
+        return None
+    return parse_config({"tokenzoom": resolved}).for_model(hf_config.get_text_config().num_hidden_layers)
 
 
 class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
@@ -101,6 +103,7 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
 
         try:
             ctx = get_forward_context()
+            step.complete_token_maps()
             if step.may_drop_rows():
                 hidden = forward_dropping_rows(self.language_model.model, step, ctx, input_ids, positions,
                                                inputs_embeds)

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_tokenzoom.kv.token_map import TokenMap
+from vllm_tokenzoom.kv.view import visual_kv_share
+from vllm_tokenzoom.methods.base import KeptTokens
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
+from vllm_tokenzoom.methods.vas import VAS
 from vllm_tokenzoom.reference.attention import reference_attention
 from vllm_tokenzoom.reference.dp import DPReference
-from vllm_tokenzoom.reference.fastv import FastVReference
+from vllm_tokenzoom.reference.prefill import PrefillReference
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,9 @@ class ReferenceOutput:
     tokens: list[int]  # greedy new tokens
     num_prompt_tokens: int
     kept: torch.Tensor | None  # [K] source indices kept by the pre-LLM policy (None without one)
-    traces: dict = field(default_factory=dict)  # in-LLM method -> its decisions (see reference/<method>.py)
+    # in-LLM method -> its decisions (see reference/<method>.py); with a prefill method also
+    # "visual_kv_share", the layer-averaged share of the visual KV (methods-spec §0)
+    traces: dict = field(default_factory=dict)
 
     @property
     def dp_trace(self) -> list | None:
@@ -46,7 +52,7 @@ class DenseLlavaOnevision:
 
     @torch.inference_mode()
     def video_embeddings(self, video: np.ndarray, ttm: TTM | None):
-        """[T, H, W, 3] uint8 -> ([K + 1, D] embeddings incl. the newline, kept visual indices or None)."""
+        """[T, H, W, 3] uint8 -> ([K + 1, D] embeddings incl. the newline, what was kept)."""
         cfg = self.model.config
         pixels = self.processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"]
         pooled = self.model.model.get_video_features(
@@ -54,15 +60,15 @@ class DenseLlavaOnevision:
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         ).pooler_output[0]  # [T*N + 1, D]
-        if ttm is None:
-            return pooled, None
         num_frames = pixels.shape[1]
         tokens, newline = pooled[:-1], pooled[-1:]
+        if ttm is None:
+            return pooled, KeptTokens.every(num_frames, tokens.shape[0] // num_frames)
         kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
-        return torch.cat((kept_tokens, newline)), kept.source
+        return torch.cat((kept_tokens, newline)), kept
 
     def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None):
-        """-> (ids [1, L] with the video's placeholders, inputs_embeds [1, L, D], kept visual indices or None)."""
+        """-> (ids [1, L] with the video's placeholders, inputs_embeds [1, L, D], what was kept)."""
         embeds, kept = self.video_embeddings(video, ttm)
         video_id = self.model.config.video_token_index
         ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
@@ -89,23 +95,30 @@ class DenseLlavaOnevision:
         return attention[int(visual[-1]) + 1:, visual[:-1]].mean(0)
 
     @torch.inference_mode()
-    def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None,
-                 max_new_tokens: int = 16, dp: DP | None = None, fastv: FastV | None = None) -> ReferenceOutput:
+    def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None, max_new_tokens: int = 16,
+                 dp: DP | None = None, fastv: FastV | None = None, vas: VAS | None = None) -> ReferenceOutput:
         """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
-        ``ttm`` prunes the video before the LLM, ``fastv`` inside it during prefill, ``dp`` during decode."""
-        ids, inputs_embeds, kept = self.prompt_embeds(video, prompt, ttm)
+        ``ttm`` prunes the video before the LLM, ``fastv`` or ``vas`` inside it during prefill,
+        ``dp`` during decode."""
+        ids, inputs_embeds, plan = self.prompt_embeds(video, prompt, ttm)
+        kept = None if ttm is None else plan.source
         video_id = self.model.config.video_token_index
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,
                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, eos_token_id=None,
                       pad_token_id=self.model.generation_config.pad_token_id)
         visual = (ids[0] == video_id).nonzero().squeeze(1)[:-1]  # the video's tokens but its newline
-        n = ids.shape[1]
-        hooks = [cls(policy, visual, n) for cls, policy in ((FastVReference, fastv), (DPReference, dp))
-                 if policy is not None]
+        n, num_layers = ids.shape[1], self.model.config.text_config.num_hidden_layers
+        token_map = TokenMap.build(n, [(int(visual[0]), visual.numel() + 1)], [plan])
+        hooks = [PrefillReference(name, policy.for_model(num_layers), token_map, num_layers)
+                 for name, policy in (("fastv", fastv), ("vas", vas)) if policy is not None]
+        hooks += [DPReference(dp, visual, n)] if dp is not None else []
         if not hooks:
             out = self.model.generate(**kwargs)
             return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept)
         with reference_attention(self.model, hooks):
             out = self.model.generate(**kwargs)
-        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept,
-                               traces={h.name: h.trace for h in hooks})
+        traces = {h.name: h.trace for h in hooks}
+        for hook in hooks:
+            if isinstance(hook, PrefillReference):
+                traces["visual_kv_share"] = visual_kv_share(hook.death, num_layers)
+        return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept, traces=traces)

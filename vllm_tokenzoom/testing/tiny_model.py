@@ -1,11 +1,13 @@
 """Build a random LLaVA-OneVision checkpoint offline, loadable by vLLM 0.32 and HF transformers.
 
-    python -m vllm_tokenzoom.testing.tiny_model --out DIR [--preset tiny|qwen2-0.5b] [--seed N]
+    python -m vllm_tokenzoom.testing.tiny_model --out DIR [--preset tiny|tiny-deep|qwen2-0.5b] [--seed N]
 
-Presets (both: SigLIP at 384 px, patch 14 -> 27x27 patches -> 2x2 bilinear pooling ->
+Presets (all: SigLIP at 384 px, patch 14 -> 27x27 patches -> 2x2 bilinear pooling ->
 196 tokens per frame, as the real model):
 - ``tiny``: Qwen2 LM with 4 layers, hidden 128, 4 heads (head size 32), 2 KV heads;
   a 2-layer SigLIP of width 64. A few MB, for tests.
+- ``tiny-deep``: ``tiny`` with 12 LM layers, for methods that act across many layers (VAS's
+  defaults start scoring at layer 2 and end at the last layer index - 4).
 - ``qwen2-0.5b``: Qwen2-0.5B's text shape (24 layers, hidden 896, 14 heads, 2 KV heads,
   intermediate 4864, 151936 embedding rows) and a 4-layer SigLIP of width 384, for benchmarks.
 
@@ -27,6 +29,11 @@ PRESETS = {
     "tiny": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
         text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+    ),
+    "tiny-deep": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4,
                   num_key_value_heads=2),
     ),
     "qwen2-0.5b": dict(

@@ -30,8 +30,9 @@ from vllm_tokenzoom.methods.base import DecodePolicy, PrefillPolicy, Queries
 from vllm_tokenzoom.ops import KeyCopy, copy_keys
 
 SESSIONS: dict[str, "RequestSession"] = {}
-# opt-in decision log of the most recent requests (tests, debugging): req_id -> {policy: [...]}
-TRACES: collections.OrderedDict[str, dict[str, list]] = collections.OrderedDict()
+# opt-in decision log of the most recent requests (tests, benchmarks, debugging): req_id ->
+# {policy: [its decisions], "visual_kv_share": the layer-averaged share once the prompt is computed}
+TRACES: collections.OrderedDict[str, dict] = collections.OrderedDict()
 _TRACE_KEEP = 256
 
 
@@ -53,6 +54,9 @@ class RequestSession:
     key_copies: dict[int, KeyCopy] = field(default_factory=dict)  # layer -> K of the alive visual tokens
     copied_blocks: tuple = ()  # the physical blocks the copies were read from
     reported_blocks: set[int] = field(default_factory=set)  # logical blocks handed back to the scheduler
+    # (spans, encoder-cache identifiers, the runner's encoder cache) while the token map lacks
+    # a video's pre-LLM plan: the encoder runs in the step's forward, after the session is made
+    plans: tuple | None = None
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
@@ -62,6 +66,17 @@ class RequestSession:
             TRACES[self.req_id] = {name: [] for name in (*self.prefill, *self.decode)}
             while len(TRACES) > _TRACE_KEEP:
                 TRACES.popitem(last=False)
+
+    def complete_token_map(self) -> None:
+        """Fill in each video's frames and cells from the plan the model attached to its encoder
+        output (``tokenzoom_kept``), once every video of the request has been encoded."""
+        if self.plans is None:
+            return
+        spans, idents, cache = self.plans
+        kept = [getattr(cache.get(ident), "tokenzoom_kept", None) for ident in idents]
+        if all(k is not None for k in kept):
+            self.token_map = TokenMap.build(self.num_prompt_tokens, spans, kept)
+            self.plans = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -102,10 +117,13 @@ class RequestSession:
     def decide(self, name: str, layer: int, position: int, scores: torch.Tensor) -> None:
         """scores: [V] fp32, summed over the queries the policy asked for at ``layer``."""
         if name in self.prefill:
-            dropped, self.states[name] = self.prefill[name].decide(layer, scores, self.states.get(name))
+            policy = self.prefill[name]
+            if name not in self.states:
+                self.states[name] = policy.start(self.token_map)
+            dropped, self.states[name] = policy.decide(layer, scores, self.states[name])
             if dropped is not None:
                 self.view.drop_after(dropped, layer)
-                self._trace(name, lambda: (layer, (~dropped).nonzero().flatten().tolist()))
+                self._trace(name, lambda: policy.describe(layer, dropped, self.states[name]))
             return
         policy = self.decode[name]
         value, self.states[name] = policy.step(scores, self.states.get(name))
@@ -113,6 +131,13 @@ class RequestSession:
         self.decided_at[name] = position
         self._trace(name, lambda: (position, None if value is None or bool((value == 1).all())
                                    else value.nonzero().flatten().tolist()))
+
+    def finish_prefill(self) -> None:
+        """The prompt is computed: the prefill policies' decisions are final (a recompute after
+        preemption replays them). The trace records the layer-averaged visual KV share."""
+        if not self.prefill_done and tracing() and self.req_id in TRACES:
+            TRACES[self.req_id]["visual_kv_share"] = self.view.visual_kv_share
+        self.prefill_done = True
 
     def _trace(self, name: str, entry) -> None:
         """Log a decision (``entry()``: built only when tracing; it syncs with the device)."""
@@ -219,8 +244,11 @@ def new_session(req_id: str, state, config, num_layers: int, encoder_cache: dict
     if not spans:
         return None
     kept = [getattr(encoder_cache.get(ident), "tokenzoom_kept", None) for _, _, ident in spans]
-    token_map = TokenMap.build(state.num_prompt_tokens, [(o, n) for o, n, _ in spans], kept)
-    return RequestSession(req_id, token_map, num_layers, config.stage(Stage.PREFILL), config.stage(Stage.DECODE))
+    places = [(o, n) for o, n, _ in spans]
+    token_map = TokenMap.build(state.num_prompt_tokens, places, kept)
+    plans = None if all(k is not None for k in kept) else (places, [i for _, _, i in spans], encoder_cache)
+    return RequestSession(req_id, token_map, num_layers, config.stage(Stage.PREFILL), config.stage(Stage.DECODE),
+                          plans=plans)
 
 
 def release_gone(requests: dict) -> None:

@@ -98,6 +98,13 @@ class Step:
         self._layouts[0] = Layout(tuple(rows), torch.arange(common.num_actual_tokens))
         return True
 
+    def complete_token_maps(self) -> None:
+        """At the start of the forward (the step's videos are encoded by now): every session's
+        token map gets its videos' frames and cells."""
+        for session in self.sessions:
+            if session is not None:
+                session.complete_token_map()
+
     def may_drop_rows(self) -> bool:
         """Whether a row may lose tokens this step: it computes visual tokens of a request with
         a prefill policy (deciding now, or replaying stored death layers after preemption)."""
@@ -199,7 +206,7 @@ class Step:
         self.settle()
         for session, span in zip(self.sessions, self._layouts[0].rows):
             if session is not None and span.num_queries and int(span.positions[-1]) >= session.num_prompt_tokens - 1:
-                session.prefill_done = True
+                session.finish_prefill()
 
     # -- layouts and metadata ------------------------------------------------------------------
     def _layout_for(self, layer: int, current: Layout) -> tuple[Layout, torch.Tensor | None]:

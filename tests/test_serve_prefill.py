@@ -1,6 +1,7 @@
-"""FastV served: `vllm serve DIR --plugin tokenzoom --additional-config {fastv...}` (alone, after
-TTM, and with TTM and dp) answers concurrent video chats through the `openai` client, each
-reply equal to that request alone (the dense reference), and holds no KV afterwards."""
+"""Prefill-stage methods served: `vllm serve DIR --plugin tokenzoom --additional-config {...}` with
+FastV (alone, after TTM, with TTM and dp) and VAS (the `vas` and `cascade` presets) answers
+concurrent video chats through the `openai` client, each reply equal to that request alone
+(the dense reference), and holds no KV afterwards."""
 import json
 import re
 import urllib.request
@@ -9,16 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from vllm_tokenzoom.methods import DP, TTM, FastV
+from vllm_tokenzoom.config import PRESETS, parse_config
 from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
-from vllm_tokenzoom.testing.video import make_video, read_video, write_mp4
+from vllm_tokenzoom.testing.video import chat_prompt, make_video, read_video, write_mp4
 
 FASTV = {"fastv": {"layer": 2, "prune_ratio": 0.5}}
-SETTINGS = {
-    "fastv": (FASTV, dict(fastv=FastV())),
-    "ttm+fastv": ({"ttm": {}, **FASTV}, dict(ttm=TTM(), fastv=FastV())),
-    "ttm+fastv+dp": ({"ttm": {}, **FASTV, "dp": {}}, dict(ttm=TTM(), fastv=FastV(), dp=DP())),
+SETTINGS = {  # name -> (model, the tokenzoom config); VAS's defaults need more than tiny's 4 layers
+    "fastv": ("tiny", {"methods": FASTV}),
+    "ttm+fastv": ("tiny", {"methods": {"ttm": {}, **FASTV}}),
+    "ttm+fastv+dp": ("tiny", {"methods": {"ttm": {}, **FASTV, "dp": {}}}),
+    "vas": ("tiny-deep", {"preset": "vas"}),
+    "cascade": ("tiny-deep", {"preset": "cascade"}),
 }
+assert set(PRESETS["cascade"]) == {"ttm", "vas", "dp"}
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +34,19 @@ def videos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
-def served(request, tiny_model, videos):
-    methods, policies = SETTINGS[request.param]
-    args = cpu_serve_args(tiny_model, num_frames=16) + [
-        "--plugin", "tokenzoom", "--additional-config", json.dumps({"tokenzoom": {"methods": methods}})]
+def served(request, videos):
+    model, config = SETTINGS[request.param]
+    deep = model == "tiny-deep"
+    model_dir = request.getfixturevalue("tiny_deep_model" if deep else "tiny_model")
+    dense = request.getfixturevalue("dense_deep" if deep else "dense")
+    args = cpu_serve_args(model_dir, num_frames=16) + [
+        "--plugin", "tokenzoom", "--additional-config", json.dumps({"tokenzoom": config})]
     with vllm_server(args) as (url, _log):
-        yield url, policies
+        yield url, dense, dict(parse_config({"tokenzoom": config}).methods)
 
 
-def test_concurrent_video_chats_answer_as_alone(served, videos, dense):
-    url, policies = served
+def test_concurrent_video_chats_answer_as_alone(served, videos):
+    url, dense, policies = served
     client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY")
     model = client.models.list().data[0].id
 
@@ -51,8 +58,6 @@ def test_concurrent_video_chats_answer_as_alone(served, videos, dense):
 
     with ThreadPoolExecutor(len(videos)) as pool:
         replies = list(pool.map(ask, videos))
-    from vllm_tokenzoom.testing.video import chat_prompt
-
     question = chat_prompt(dense.processor.tokenizer, "Describe what happens.")
     alone = [dense.generate(read_video(v), question, max_new_tokens=8, **policies).tokens for v in videos]
     assert replies == alone

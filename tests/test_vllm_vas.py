@@ -1,0 +1,113 @@
+"""VAS inside vLLM against the dense HF reference (methods-spec.md §1.5): the same trace (drop
+layers, axes, frames and cells left, kept tokens), the same death layers and the same greedy
+tokens in fp32 -- alone, after TTM, in the ``cascade`` preset (TTM, VAS, dp), in batches
+mixing VAS, FastV, dp and plain requests, after preemption; and the later layers really
+compute fewer rows. The model is ``tiny-deep`` (12 layers: VAS's defaults score at layers 2-7)."""
+import json
+
+import pytest
+
+from tests.parity import assert_matches
+from vllm_tokenzoom.config import PRESETS, parse_config
+from vllm_tokenzoom.methods import DP, TTM, VAS, FastV
+from vllm_tokenzoom.testing.offline import load_video, run_offline
+from vllm_tokenzoom.testing.tiny_model import PRESETS as MODELS
+from vllm_tokenzoom.testing.video import chat_prompt
+
+LAYERS = MODELS["tiny-deep"]["text"]["num_hidden_layers"]
+VIDEOS = [dict(frames=16, seed=60, max_tokens=10), dict(frames=7, seed=61, max_tokens=10),
+          dict(frames=3, seed=62, max_tokens=10)]
+TEXT = [dict(frames=0, question="Name three colours.", max_tokens=10)]
+BUSY = {"ratio": 0.3, "interval": 2, "start_layer": 1}  # more drops on 12 layers: every 2 layers from 3 on
+CASCADE = {name: parse_config({"tokenzoom": {"methods": {name: s}}}).methods[name]
+           for name, s in PRESETS["cascade"].items()}
+SETTINGS = {  # name -> (tokenzoom config, reference policies)
+    "vas": ({"preset": "vas"}, dict(vas=VAS())),
+    "vas busy": ({"methods": {"vas": BUSY}}, dict(vas=VAS(**BUSY))),
+    "ttm+vas": ({"methods": {"ttm": {}, "vas": BUSY}}, dict(ttm=TTM(), vas=VAS(**BUSY))),
+    "cascade": ({"preset": "cascade"}, CASCADE),
+}
+
+
+@pytest.fixture(scope="module")
+def reference(dense_deep):
+    deep = dense_deep
+    cache, prompt = {}, chat_prompt(deep.processor.tokenizer)
+
+    def of(request, **policies):
+        key = (tuple(sorted(request.items())), tuple(sorted((k, repr(v)) for k, v in policies.items())))
+        if key not in cache:
+            cache[key] = deep.generate(load_video(request), prompt, max_new_tokens=request["max_tokens"], **policies)
+        return cache[key]
+
+    return of
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_same_trace_and_greedy_output_as_reference(tiny_deep_model, reference, setting):
+    config, policies = SETTINGS[setting]
+    outputs = run_offline(tiny_deep_model, VIDEOS, {"tokenzoom": config}, trace=True)["outputs"]
+    drops = 0
+    for request, got in zip(VIDEOS, outputs, strict=True):
+        ref = reference(request, **policies)
+        drops += len(ref.traces["vas"])
+        assert_matches(got, ref)
+    assert drops >= len(VIDEOS)  # every request dropped at least once
+
+
+def test_the_settings_exercise_both_axes_and_several_drops(reference):
+    """The parity tests could not see a wrong axis or a missed later drop if none happened."""
+    traces = [reference(r, **policies).traces["vas"] for r in VIDEOS for _, policies in SETTINGS.values()]
+    assert {e["axis"] for t in traces for e in t} == {"frames", "cells"}
+    assert max(len(t) for t in traces) >= 3
+    assert [reference(r).tokens for r in VIDEOS] != [reference(r, vas=VAS()).tokens for r in VIDEOS]
+
+
+def test_later_layers_compute_only_the_alive_rows(tiny_deep_model, reference):
+    """Rows per decoder layer, counted inside the layers: after each drop layer, the prompt
+    minus every visual token dead by then; one row per decode step."""
+    request = dict(VIDEOS[0], max_tokens=3)
+    config = {"tokenzoom": SETTINGS["vas busy"][0]}
+    result = run_offline(tiny_deep_model, [request], config, preload=["tests.rows_hook"])
+    forwards = result["reports"]["tests.rows_hook"]
+    ref = reference(request, vas=VAS(**BUSY))
+    n, alive, expected = ref.num_prompt_tokens, request["frames"] * 196, []
+    drops = {e["layer"]: len(e["kept"]) for e in ref.traces["vas"]}
+    for layer in range(LAYERS):
+        expected.append(n - (request["frames"] * 196 - alive))
+        alive = drops.get(layer, alive)
+    assert len(drops) >= 2 and forwards[-3] == expected  # the prefill forward
+    assert forwards[-2:] == [[1] * LAYERS] * 2  # decode forwards
+
+
+def test_mixed_batch_vas_fastv_dp_and_plain_requests(tiny_deep_model, reference):
+    """One engine, one batch: VAS, FastV, dp, VAS + dp and plain video requests (a test hook
+    assigns the methods per request) and a text-only request, each equal to its reference
+    (the plain ones to the reference without methods)."""
+    batch = [VIDEOS[0], TEXT[0], VIDEOS[1], VIDEOS[2], dict(VIDEOS[0], seed=63), dict(VIDEOS[1], seed=64)]
+    mix = [{"vas": BUSY}, {"fastv": {"layer": 3}}, {"dp": {}}, {"vas": BUSY, "dp": {}}, {}]
+    config = {"tokenzoom": {"methods": {"vas": BUSY, "dp": {}}}}
+    outputs = run_offline(tiny_deep_model, batch, config, batch=True, preload=["tests.policy_mix_hook"],
+                          env={"TOKENZOOM_TEST_MIX": json.dumps(mix)}, trace=True)["outputs"]
+    policies = [dict(vas=VAS(**BUSY)), dict(fastv=FastV(layer=3)), dict(dp=DP()), dict(vas=VAS(**BUSY), dp=DP()), {}]
+    for i, mine in zip((0, 2, 3, 4, 5), policies):
+        ref = reference(batch[i], **mine)
+        if mine:
+            assert_matches(outputs[i], ref)
+        assert outputs[i]["tokens"] == ref.tokens
+    vanilla = run_offline(tiny_deep_model, TEXT, plugins=False)["outputs"]
+    assert outputs[1]["tokens"] == vanilla[0]["tokens"]
+
+
+def test_preemption_replays_the_stored_decisions(tiny_deep_model):
+    """Two 16-frame cascade requests, KV for both to decode 128 tokens, not more: one is
+    preempted mid-decode and recomputed in one step; its rows drop again at the stored
+    layers (VAS decides once per request) and its output equals the unpressured run's."""
+    requests = [dict(VIDEOS[0], max_tokens=140), dict(frames=16, seed=64, max_tokens=140)]
+    config = {"tokenzoom": {"methods": {"ttm": {}, "vas": BUSY, "dp": {}}}}
+    kwargs = {"num_gpu_blocks_override": 27, "max_model_len": 3072}
+    pressured = run_offline(tiny_deep_model, requests, config, llm_kwargs=kwargs, batch=True, trace=True)["outputs"]
+    assert sum(o["num_preemptions"] for o in pressured) >= 1
+    alone = run_offline(tiny_deep_model, requests, config, trace=True)["outputs"]
+    assert [o["traces"]["vas"] for o in pressured] == [o["traces"]["vas"] for o in alone]
+    assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]
