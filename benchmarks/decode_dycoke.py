@@ -15,6 +15,9 @@ the other 21 -> ~573 -> 3 frames; TTM: 1480 -> 8 frames).
 
     python benchmarks/decode_dycoke.py [--model models/qwen2-0.5b] [--tokens 32] [--batches 1,16] [--quick]
 
+``cascade`` (TTM, VAS, dp) is measured against an oracle whose frame count is measured too:
+the visual tokens its decode steps read, averaged over layers and steps (``attended_frames``).
+
 Writes benchmarks/results/decode_dycoke.{csv,json}.
 """
 from __future__ import annotations
@@ -39,13 +42,46 @@ SETTINGS = {  # name -> (additional_config, plugins loaded, frames)
     "ttm": ({"tokenzoom": {"preset": "ttm"}}, True, 16),
     "dycoke": ({"tokenzoom": {"preset": "dycoke"}}, True, 16),
     "dycoke without key copy": ({"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"key_copy": False}}}}, True, 16),
+    "cascade": ({"tokenzoom": {"preset": "cascade"}}, True, 16),
     "oracle for ttm (8 frames)": ({}, False, 8),
     "oracle for dycoke (3 frames)": ({}, False, 3),
+    "oracle for cascade": ({}, False, None),  # frames measured: attended_frames("cascade")
 }
+PER_FRAME = 196
 
 
-def measure(model, name, batch, tokens, seed0):
-    config, plugins, frames = SETTINGS[name]
+def attended_frames(model: str, name: str, tokens: int, requests: int = 2) -> tuple[int, float]:
+    """(frames, visual tokens) of a setting's oracle prompt: the visual tokens its decode steps
+    read, averaged over layers and steps, measured from the decisions of a few requests
+    (``TOKENZOOM_TRACE``): a token counts at layer l while alive there (VAS's death layers)
+    and, in layers >= dp's L, when dp's selection of that step holds it."""
+    from vllm_tokenzoom.config import parse_config
+
+    config, _, frames = SETTINGS[name]
+    methods = parse_config(config)
+    layers = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    visual = methods.pre_llm.num_kept_tokens(frames, PER_FRAME) if methods.pre_llm else frames * PER_FRAME
+    runs = run_offline(model, [dict(frames=frames, seed=900 + i, max_tokens=tokens) for i in range(requests)],
+                       config, trace=True, timeout=3600)["outputs"]
+    read = []
+    for out in runs:
+        death = [layers - 1] * visual
+        for drop in reversed(out["traces"].get("vas", [])):  # the earliest drop a token missed is its death
+            kept = set(drop["kept"])
+            death = [drop["layer"] if v not in kept else d for v, d in enumerate(death)]
+        for _, selection in out["traces"].get("dp") or [(None, None)]:
+            chosen = None if selection is None else set(selection)
+            per_layer = [sum(1 for v in range(visual) if death[v] >= layer and
+                             (methods.dp is None or layer < methods.dp.layer or chosen is None or v in chosen))
+                         for layer in range(layers)]
+            read.append(sum(per_layer) / layers)
+    mean = sum(read) / len(read)
+    return max(1, round(mean / PER_FRAME)), mean
+
+
+def measure(model, name, batch, tokens, seed0, frames=None):
+    config, plugins, fixed = SETTINGS[name]
+    frames = fixed or frames
     requests = [dict(frames=frames, seed=seed0 + i, max_tokens=tokens) for i in range(batch)]
     warmup = [dict(frames=frames, seed=seed0 - 1, max_tokens=4)]
     t0 = time.perf_counter()
@@ -58,7 +94,7 @@ def measure(model, name, batch, tokens, seed0):
                          env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
     outs = result["outputs"]
     wall = max(o["seconds"] for o in outs)
-    row = dict(setting=name, batch=batch, frames=frames, prompt_tokens=outs[0]["num_prompt_tokens"],
+    row = dict(setting=name if fixed else f"{name} ({frames} frames)", batch=batch, frames=frames, prompt_tokens=outs[0]["num_prompt_tokens"],
                request_wall_s=round(wall, 2), tokens_per_s_end_to_end=round(batch * tokens / wall, 2),
                process_s=round(time.perf_counter() - t0, 1))
     if batch == 1:  # a lone request: every engine step after its first token is a decode step
@@ -86,13 +122,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.tokens = "1", 12
-    rows = []
+    rows, oracle = [], {}
+    for name in args.settings.split(","):
+        if SETTINGS[name][2] is None:  # "oracle for X": as many frames as X's decode steps read
+            oracle[name] = attended_frames(args.model, name[len("oracle for "):], args.tokens)
+            print(f"{name}: {oracle[name][0]} frames ({oracle[name][1]:.0f} visual tokens read per step)", flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:
         runs: dict[str, list[dict]] = {}
         for round_ in range(args.rounds):
             for name in args.settings.split(","):
                 print(f"batch {batch}, round {round_ + 1}: {name}", flush=True)
-                runs.setdefault(name, []).append(measure(args.model, name, batch, args.tokens, seed0=2000 + 100 * round_))
+                runs.setdefault(name, []).append(measure(args.model, name, batch, args.tokens, seed0=2000 + 100 * round_,
+                                                         frames=oracle.get(name, (None,))[0]))
                 print(json.dumps(runs[name][-1]), flush=True)
         for name, samples in runs.items():
             row = dict(samples[0], rounds=len(samples))
