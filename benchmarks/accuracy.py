@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.config import parse_config  # noqa: E402
+from vllm_tokenzoom.errors import TokenZoomConfigError  # noqa: E402
+from vllm_tokenzoom.methods import VAS, Stage  # noqa: E402
 from vllm_tokenzoom.testing import videoqa  # noqa: E402
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
@@ -54,23 +56,73 @@ def fastv(r):
     return {"methods": {"fastv": {"layer": FASTV_LAYER, "prune_ratio": r}}}
 
 
-def fastv_share(r: float, num_layers: int) -> float:
-    return (FASTV_LAYER + (num_layers - FASTV_LAYER) * (1 - r)) / num_layers
+def mean_attended(traces: dict, visual: int, num_layers: int, dp) -> float:
+    """Visual tokens a decode step reads, averaged over layers and steps, from a request's
+    decisions: a token counts at layer l while alive there (a prefill method's death layers)
+    and, in layers >= dp's L, when that step's dp selection holds it."""
+    death = [num_layers - 1] * visual
+    for drop in reversed(traces.get(_prefill_name(traces), [])):  # the earliest drop a token missed is its death
+        kept = set(drop["kept"] if isinstance(drop, dict) else drop[1])
+        death = [drop_layer(drop) if v not in kept else d for v, d in enumerate(death)]
+    alive = [sum(1 for d in death if d >= layer) for layer in range(num_layers)]
+    if dp is None or not traces.get("dp"):
+        return sum(alive) / num_layers if dp is None else dp.mean_attended(visual, num_layers)
+    per_step = []
+    for _, selection in traces["dp"]:
+        chosen = None if selection is None else set(selection)
+        per_step.append(sum(alive[layer] if layer < dp.layer or chosen is None else
+                            sum(1 for v in chosen if death[v] >= layer) for layer in range(num_layers)) / num_layers)
+    return sum(per_step) / len(per_step)
+
+
+def _prefill_name(traces: dict) -> str:
+    return next((n for n in ("fastv", "vas") if n in traces), "")
+
+
+def drop_layer(drop) -> int:
+    return drop["layer"] if isinstance(drop, dict) else drop[0]
+
+
+def vas_fits(num_layers: int) -> bool:
+    """VAS's defaults (scoring from layer 2 to the last index - 4) need a model of >= 9 layers."""
+    try:
+        VAS().check_model(num_layers)
+    except TokenZoomConfigError:
+        return False
+    return True
 
 
 def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]:
-    """(name, method family, tokenzoom config or None for vanilla vLLM)."""
+    """(name, method family, tokenzoom config or None for vanilla vLLM): the methods; the
+    baselines come after them, at the shares the methods measured (``baselines``)."""
     ks = [0.7] if quick else [0.3, 0.7, 0.9]
     rs = [0.75] if quick else [0.5, 0.75, 0.9]
-    budgets = [round(_ttm_budget(k), 3) for k in ks] + [round(fastv_share(r, num_layers), 3) for r in rs] + [0.15]
     out = [("full tokens", "full", None)]
     out += [(f"ttm K={k}", "ttm", ttm(k)) for k in ks]
     out += [(f"fastv K={FASTV_LAYER} R={r}", "fastv", fastv(r)) for r in rs]
     out += [("dycoke (K=0.7, L=3, P=0.7)", "dycoke", {"preset": "dycoke"})]
-    for name in ("random_drop", "frame_sampling", "spatial_pool"):
-        for b in (budgets if not quick else [budgets[0], budgets[1], 0.15]):
-            out.append((f"{name} {b:.2f}", name, baseline(name, b)))
+    if vas_fits(num_layers):
+        grid = [(0.3, 4)] if quick else [(r, i) for i in (4, 3) for r in (0.2, 0.3, 0.4, 0.5)]
+        out += [(f"vas r={r} interval={i}" + (" (default)" if (r, i) == (0.3, 4) else ""), "vas",
+                 {"methods": {"vas": {"ratio": r, "interval": i}}}) for r, i in grid]
+        out += [("cascade (ttm K=0.7, vas, dp L=3 P=0.7)", "cascade", {"preset": "cascade"})]
     return out
+
+
+# the methods' settings whose layer-averaged shares the baselines are run at (and 15%)
+BASELINE_AT = ("ttm K=0.3", "ttm K=0.7", "ttm K=0.9", f"fastv K={FASTV_LAYER} R=0.5", f"fastv K={FASTV_LAYER} R=0.75",
+               "vas r=0.3 interval=4 (default)", "vas r=0.5 interval=3", "cascade (ttm K=0.7, vas, dp L=3 P=0.7)")
+
+
+def baselines(rows: list[dict], quick: bool) -> list[tuple[str, str, dict]]:
+    """Random drop, frame sampling and spatial pooling at the layer-averaged shares the methods
+    measured (``BASELINE_AT``, those that ran) and at 15%."""
+    at = [r["visual_kv_share"] for r in rows if r["setting"] in BASELINE_AT]
+    budgets = sorted({round(b, 2) for b in at} | {0.15}, reverse=True)
+    if quick:
+        budgets = budgets[:2] + [0.15]
+    return [(f"{name} {b:.2f}", name, baseline(name, b)) for name in ("random_drop", "frame_sampling", "spatial_pool")
+            for b in budgets]
 
 
 def _ttm_budget(k: float, frames=range(16, 33)) -> float:
@@ -85,27 +137,27 @@ def run_setting(model: str, name: str, config: dict | None, questions, tokenizer
 
     requests = [dict(videoqa_clip=clip.seed, question=q.text, max_tokens=6, stop_at_eos=True)
                 for clip, q in questions]
+    parsed = parse_config({"tokenzoom": config}) if config is not None else None
+    traced = parsed is not None and bool(parsed.stage(Stage.PREFILL))  # a data-dependent share (VAS)
     t0 = time.perf_counter()
     result = run_offline(model, requests, {"tokenzoom": config} if config is not None else {},
-                         batch=chunk, timeout=7200,
+                         batch=chunk, timeout=7200, trace=traced,
                          llm_kwargs={"mm_processor_cache_gb": 2, "max_num_seqs": chunk,
                                      "max_num_batched_tokens": 8192})  # a 32-frame video: 6,273 tokens
     seconds = time.perf_counter() - t0
-    parsed = parse_config({"tokenzoom": config}) if config is not None else None
     dp = parsed.dp if parsed is not None else None
-    fv = parsed.fastv if parsed is not None else None
     right: dict[str, list[int]] = {}
     kept, attended, shares = [], [], []
     for (clip, q), out in zip(questions, result["outputs"]):
         right.setdefault(q.kind, []).append(int(out["text"].strip() == q.answer))
         text = len(tokenizer(chat_prompt(tokenizer, q.text)).input_ids) - 1  # minus the <video> placeholder
         visual = out["num_prompt_tokens"] - text - 1  # minus the newline
-        read = visual if dp is None else dp.mean_attended(visual, num_layers)
+        traces = out["traces"] or {}
+        read = mean_attended(traces, visual, num_layers, dp)
         video = clip.num_frames * TOKENS_PER_FRAME
         kept.append(visual / video)
         attended.append(read / video)
-        held = visual if fv is None else (fv.layer * visual + (num_layers - fv.layer) * fv.num_kept(visual)) / num_layers
-        shares.append(held / video)
+        shares.append(traces.get("visual_kv_share", 1.0) * visual / video)
     every = [x for v in right.values() for x in v]
     return dict(accuracy=sum(every) / len(every), per_kind={k: round(sum(v) / len(v), 3) for k, v in sorted(right.items())},
                 prefill_kept=sum(kept) / len(kept), decode_attended=sum(attended) / len(attended),
@@ -134,14 +186,11 @@ def main(argv=None) -> None:
     chosen = settings(args.quick, num_layers)
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
-    if args.budgets:
-        wanted = {f"{float(b):.2f}" for b in args.budgets.split(",")}
-        chosen = [s for s in chosen if s[1] not in ("random_drop", "frame_sampling", "spatial_pool")
-                  or s[0].split()[-1] in wanted]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
                 torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", clips=args.clips, questions=len(questions))
     rows = []
-    for name, family, config in tqdm(chosen, desc="settings", unit="setting"):
+
+    def run(name, family, config):
         r = run_setting(args.model, name, config, questions, tokenizer, args.chunk, num_layers)
         rows.append({**meta, "setting": name, "method": family, "config": json.dumps(config),
                      "prefill_kept": round(r["prefill_kept"], 4),
@@ -149,7 +198,19 @@ def main(argv=None) -> None:
                      "visual_kv_share": round(r["visual_kv_share"], 4),
                      "accuracy": round(r["accuracy"], 4), "per_kind": json.dumps(r["per_kind"]),
                      "seconds": round(r["seconds"], 1)})
-        tqdm.write(f"{name:32s} kept {rows[-1]['prefill_kept']:.3f}  accuracy {rows[-1]['accuracy']:.3f}  {r['per_kind']}")
+        tqdm.write(f"{name:32s} kept {rows[-1]['prefill_kept']:.3f}  share {rows[-1]['visual_kv_share']:.3f}  "
+                   f"accuracy {rows[-1]['accuracy']:.3f}  {r['per_kind']}")
+
+    for setting in tqdm(chosen, desc="methods", unit="setting"):
+        run(*setting)
+    more = baselines(rows, args.quick)
+    if args.only:
+        more = [s for s in more if s[1] in args.only.split(",")]
+    if args.budgets:
+        wanted = {f"{float(b):.2f}" for b in args.budgets.split(",")}
+        more = [s for s in more if s[0].split()[-1] in wanted]
+    for setting in tqdm(more, desc="baselines", unit="setting"):
+        run(*setting)
     save(rows)
 
 

@@ -53,8 +53,9 @@ PER_FRAME = 196
 def attended_frames(model: str, name: str, tokens: int, requests: int = 2) -> tuple[int, float]:
     """(frames, visual tokens) of a setting's oracle prompt: the visual tokens its decode steps
     read, averaged over layers and steps, measured from the decisions of a few requests
-    (``TOKENZOOM_TRACE``): a token counts at layer l while alive there (VAS's death layers)
-    and, in layers >= dp's L, when dp's selection of that step holds it."""
+    (``TOKENZOOM_TRACE``; ``accuracy.mean_attended``)."""
+    from accuracy import mean_attended
+
     from vllm_tokenzoom.config import parse_config
 
     config, _, frames = SETTINGS[name]
@@ -63,19 +64,7 @@ def attended_frames(model: str, name: str, tokens: int, requests: int = 2) -> tu
     visual = methods.pre_llm.num_kept_tokens(frames, PER_FRAME) if methods.pre_llm else frames * PER_FRAME
     runs = run_offline(model, [dict(frames=frames, seed=900 + i, max_tokens=tokens) for i in range(requests)],
                        config, trace=True, timeout=3600)["outputs"]
-    read = []
-    for out in runs:
-        death = [layers - 1] * visual
-        for drop in reversed(out["traces"].get("vas", [])):  # the earliest drop a token missed is its death
-            kept = set(drop["kept"])
-            death = [drop["layer"] if v not in kept else d for v, d in enumerate(death)]
-        for _, selection in out["traces"].get("dp") or [(None, None)]:
-            chosen = None if selection is None else set(selection)
-            per_layer = [sum(1 for v in range(visual) if death[v] >= layer and
-                             (methods.dp is None or layer < methods.dp.layer or chosen is None or v in chosen))
-                         for layer in range(layers)]
-            read.append(sum(per_layer) / layers)
-    mean = sum(read) / len(read)
+    mean = sum(mean_attended(out["traces"], visual, layers, methods.dp) for out in runs) / len(runs)
     return max(1, round(mean / PER_FRAME)), mean
 
 

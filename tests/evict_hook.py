@@ -6,8 +6,6 @@ keeps the eviction but never reports blocks (mask only). ``report()`` returns wh
 scheduler freed and allocated."""
 import os
 
-import torch
-
 from vllm_tokenzoom.v1.core.sched import scheduler as tz_scheduler
 from vllm_tokenzoom.v1.worker import sessions
 

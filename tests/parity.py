@@ -15,3 +15,20 @@ def assert_matches(got: dict, ref) -> None:
     for name, trace in ref.traces.items():
         assert listed(got["traces"][name]) == listed(trace), name
     assert got["tokens"] == ref.tokens
+
+
+def cached_reference(dense):
+    """``of(request, **policies)``: ``dense``'s output for an offline request dict (its video,
+    ``max_tokens``) under those policies, computed once per test module."""
+    from vllm_tokenzoom.testing.offline import load_video
+    from vllm_tokenzoom.testing.video import chat_prompt
+
+    cache, prompt = {}, chat_prompt(dense.processor.tokenizer)
+
+    def of(request, **policies):
+        key = (tuple(sorted(request.items())), tuple(sorted((k, repr(v)) for k, v in policies.items())))
+        if key not in cache:
+            cache[key] = dense.generate(load_video(request), prompt, max_new_tokens=request["max_tokens"], **policies)
+        return cache[key]
+
+    return of

@@ -1,16 +1,45 @@
-"""The C++ CPU kernel (csrc/indexed_attention.cpp) against its torch reference."""
+"""The C++ CPU kernel (csrc/indexed_attention.cpp) against its torch reference, on each of its
+two code paths: every test runs on ``_C`` (built for this machine: the AVX-512 path where the
+CPU has it) and, on x86-64, on ``_C_avx2`` (the portable path, built for AVX2), so both paths
+are checked wherever the tests run."""
+import importlib
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.paged_cache import paged_cache
-from vllm_tokenzoom.ops import cpp_ops, indexed_paged_attention
+from vllm_tokenzoom import ops
+from vllm_tokenzoom.ops import indexed_paged_attention
 from vllm_tokenzoom.ops import paged_attention_ref as ref
 
+BUILDS = ["_C"] + (["_C_avx2"] if platform.machine() in ("x86_64", "AMD64") else [])
 
-def test_extension_is_built():
-    assert cpp_ops() is not None, "vllm_tokenzoom._C is missing: setup.py builds it (make install)"
+
+@pytest.fixture(scope="module", params=BUILDS, autouse=True)
+def build(request):
+    """The kernels every call in the test reaches (``ops.cpp_ops``) come from this build."""
+    try:
+        module = importlib.import_module(f"vllm_tokenzoom.{request.param}")
+    except ImportError:
+        pytest.fail(f"vllm_tokenzoom.{request.param} is missing: setup.py builds it (make install)")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "cpp_ops", lambda: module)
+        yield module
+
+
+def _cpu_has_avx512() -> bool:
+    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    return {"avx512f", "avx512bw", "avx512vl"} <= set(flags.split())
+
+
+def test_extension_is_built(build):
+    assert ops.cpp_ops() is build
+    expected = "portable" if build.__name__.endswith("_avx2") or not _cpu_has_avx512() else "avx512"
+    assert build.simd_path() == expected
 
 
 @settings(max_examples=60, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vllm_tokenzoom.kv.token_map import TokenMap
-from vllm_tokenzoom.methods import DP, FastV
+from vllm_tokenzoom.methods import DP
 from vllm_tokenzoom.testing.offline import run_offline
 from vllm_tokenzoom.v1.worker.sessions import RequestSession, reclaimable_blocks
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tests.parity import assert_matches
+from tests.parity import assert_matches, cached_reference
 from vllm_tokenzoom.methods import DP, TTM, FastV
-from vllm_tokenzoom.testing.offline import load_video, run_offline
+from vllm_tokenzoom.testing.offline import run_offline
 from vllm_tokenzoom.testing.tiny_model import PRESETS
 
 TINY_LAYERS = PRESETS["tiny"]["text"]["num_hidden_layers"]
@@ -27,16 +27,8 @@ SETTINGS = {  # name -> (config, reference policies)
 
 
 @pytest.fixture(scope="module")
-def reference(dense, prompt):
-    cache = {}
-
-    def of(request, **policies):
-        key = (tuple(sorted(request.items())), tuple(sorted((k, repr(v)) for k, v in policies.items())))
-        if key not in cache:
-            cache[key] = dense.generate(load_video(request), prompt, max_new_tokens=request["max_tokens"], **policies)
-        return cache[key]
-
-    return of
+def reference(dense):
+    return cached_reference(dense)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

@@ -7,12 +7,11 @@ import json
 
 import pytest
 
-from tests.parity import assert_matches
+from tests.parity import assert_matches, cached_reference
 from vllm_tokenzoom.config import PRESETS, parse_config
 from vllm_tokenzoom.methods import DP, TTM, VAS, FastV
-from vllm_tokenzoom.testing.offline import load_video, run_offline
+from vllm_tokenzoom.testing.offline import run_offline
 from vllm_tokenzoom.testing.tiny_model import PRESETS as MODELS
-from vllm_tokenzoom.testing.video import chat_prompt
 
 LAYERS = MODELS["tiny-deep"]["text"]["num_hidden_layers"]
 VIDEOS = [dict(frames=16, seed=60, max_tokens=10), dict(frames=7, seed=61, max_tokens=10),
@@ -31,16 +30,7 @@ SETTINGS = {  # name -> (tokenzoom config, reference policies)
 
 @pytest.fixture(scope="module")
 def reference(dense_deep):
-    deep = dense_deep
-    cache, prompt = {}, chat_prompt(deep.processor.tokenizer)
-
-    def of(request, **policies):
-        key = (tuple(sorted(request.items())), tuple(sorted((k, repr(v)) for k, v in policies.items())))
-        if key not in cache:
-            cache[key] = deep.generate(load_video(request), prompt, max_new_tokens=request["max_tokens"], **policies)
-        return cache[key]
-
-    return of
+    return cached_reference(dense_deep)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

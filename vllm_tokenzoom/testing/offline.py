@@ -35,7 +35,8 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
     ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
     ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
-    ``batch=True`` sends all requests in one ``generate`` call (no per-request kept tokens);
+    ``batch=True`` sends all requests in one ``generate`` call (no per-request kept tokens; the
+    in-LLM traces are per request, the last 256 requests' are kept);
     ``batch=N`` sends them N at a time (each video's pixels are held until it is encoded).
     ``env``: extra environment of the child (e.g. ``TOKENZOOM_KERNELS``). ``preload``: modules
     the child imports before it builds the engine (test hooks; the engine runs in the
@@ -107,20 +108,20 @@ def _child() -> None:
         return SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8),
                               ignore_eos=not req.get("stop_at_eos", False))
 
-    def result(out, seconds, traces: bool):
+    def result(out, seconds, alone: bool):
         return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
                     num_prompt_tokens=len(out.prompt_token_ids), seconds=seconds,
                     engine_ttft=getattr(out.metrics, "first_token_latency", None),
                     num_preemptions=getattr(out.metrics, "num_preemptions", None),
                     decode_s=_decode_seconds(out),
-                    kept=readers._last_kept(llm) if traced and traces else None,
+                    kept=readers._last_kept(llm) if traced and alone else None,
                     **readers._traces(llm, out.request_id))
 
     def run(req):
         prompt = prompt_of(req)
         t0 = time.perf_counter()
         (out,) = llm.generate([prompt], params_of(req), use_tqdm=False)
-        return result(out, time.perf_counter() - t0, traces=True)
+        return result(out, time.perf_counter() - t0, alone=True)
 
     for req in job["warmup"]:
         run(req)
@@ -133,7 +134,7 @@ def _child() -> None:
             prompts = [prompt_of(r) for r in chunk]
             t0 = time.perf_counter()
             outs = llm.generate(prompts, [params_of(r) for r in chunk], use_tqdm=False)
-            outputs += [result(o, time.perf_counter() - t0, traces=False) for o in outs]
+            outputs += [result(o, time.perf_counter() - t0, alone=False) for o in outs]
     else:
         outputs = [run(req) for req in job["requests"]]
     reports = {h.__name__: h.report() for h in hooks if hasattr(h, "report")}
