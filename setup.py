@@ -1,4 +1,6 @@
 """tokenzoom: video-token compression inside vLLM's paged KV cache (a vLLM plugin)."""
+import platform
+
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -6,9 +8,18 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 # compilation at install: its kernels are Triton, compiled when first used.
 # -march=native: the extension is built where it runs (pip install on the machine itself);
 # -fno-math-errno lets the softmax's expf vectorise (glibc libmvec).
-EXT = CppExtension("vllm_tokenzoom._C", ["csrc/indexed_attention.cpp"],
-                   extra_compile_args=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-                   extra_link_args=["-fopenmp"])
+def cpu_kernels(name: str, march: str) -> CppExtension:
+    return CppExtension(name, ["csrc/indexed_attention.cpp"],
+                        extra_compile_args=["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"],
+                        extra_link_args=["-fopenmp"])
+
+
+EXTS = [cpu_kernels("vllm_tokenzoom._C", "native")]
+# The kernel has an AVX-512 path and a portable one (auto-vectorised AVX2 on x86-64): -march=native
+# compiles only the one this machine runs, so x86-64 machines also build the portable path, for
+# the tests to check both against the reference wherever they run (tokenzoom itself uses _C).
+if platform.machine() in ("x86_64", "AMD64"):
+    EXTS.append(cpu_kernels("vllm_tokenzoom._C_avx2", "x86-64-v3"))
 
 setup(
     name="vllm-tokenzoom",
@@ -24,6 +35,6 @@ setup(
     # not listed here. The plugin checks the version when it is enabled.
     install_requires=["numpy", "opencv-python-headless", "openai"],
     entry_points={"vllm.general_plugins": ["tokenzoom = vllm_tokenzoom:register"]},
-    ext_modules=[EXT],
+    ext_modules=EXTS,
     cmdclass={"build_ext": BuildExtension},
 )

@@ -512,10 +512,20 @@ std::vector<torch::Tensor> indexed_decode_attention(torch::Tensor query, torch::
   return mass;
 }
 
+// Which of the two code paths this build compiled (tests check each against the reference).
+std::string simd_path() {
+#ifdef TZ_AVX512
+  return "avx512";
+#else
+  return "portable";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("indexed_decode_attention", &indexed_decode_attention,
         "Indexed paged decode attention over R requests with a per-key logit bias; writes out, returns the "
         "head-averaged key mass per request when asked");
+  m.def("simd_path", &simd_path, "'avx512' or 'portable': the code path this build compiled");
 }
