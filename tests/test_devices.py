@@ -33,9 +33,9 @@ def test_session_reads_and_writes_views_on_the_device():
     session = RequestSession("r", TokenMap.build(60, [(5, 41)], [None]), 4, {}, {"dp": DP(layer=2)})
     segment = session.layout.segment(2)
     session.decide("dp", 1, 60, torch.rand(40, device=META))  # scores of the first decode query
-    m = session.multiplicity(2, 60, segment, 61)
-    assert m.device == META and m.shape == (61,)
-    assert session.multiplicity(1, 60, segment, 61) is None  # layers < L read everything
+    m = session.multiplicity(2, 60, segment)
+    assert m.device == META and m.shape == (60,)  # over the prompt's cache indices; generated ones read 1
+    assert session.multiplicity(1, 60, segment) is None  # layers < L read everything
     scores = session.visual_scores(segment, torch.rand(61, device=META), torch.arange(61), 61)
     assert scores.device == META and scores.shape == (40,)
     session.decide("dp", 1, 61, scores)

@@ -100,4 +100,5 @@ def test_layers_that_score_for_different_policies_do_not_share_needs():
     assert (need.position, need.scores, need.multiplicity) == (12, ("dp",), None)
     step.record(2, need, torch.rand(13), torch.arange(13))
     (need,) = step.needs(3)  # dp decided at layer 2: layer 3 reads its view
-    assert need.scores == () and need.multiplicity.shape == (13,) and int((need.multiplicity == 0).sum()) == 3
+    assert need.scores == () and need.multiplicity.shape == (12,) and int((need.multiplicity == 0).sum()) == 3
+    assert need.cache_len == 13  # the generated position 12 reads 1 (after the multiplicity's prompt part)

@@ -43,7 +43,7 @@ class Segment:
         rank[~alive] = -1
         return torch.cat((rank, alive.sum().view(1)))
 
-    @property
+    @cached_property
     def alive_prompt_tokens(self) -> int:
         return int(self._rank[-1]) if self.compacted else self.num_prompt_tokens
 
@@ -54,6 +54,11 @@ class Segment:
         n = self.num_prompt_tokens
         prompt = self._rank[positions.clamp(max=n - 1)]
         return torch.where(positions < n, prompt, positions - n + self.alive_prompt_tokens)
+
+    def generated_index(self, position: int) -> int:
+        """The cache index of a generated token's position (``>=`` the prompt length): plain
+        arithmetic, no tensor (the decode hot path)."""
+        return position - self.num_prompt_tokens + self.alive_prompt_tokens
 
     def cache_len(self, num_positions: int) -> int:
         """How many of positions ``0..num_positions - 1`` are alive (the segment's sequence length)."""

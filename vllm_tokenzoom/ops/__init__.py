@@ -80,24 +80,38 @@ def copy_keys(k_region, k_offsets, block_row, positions: torch.Tensor, row_of: t
 
 
 _ROWS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}
+_ROWS_OF_KEYS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _copy_rows(keys: torch.Tensor, multiplicity, key_copy: KeyCopy) -> torch.Tensor:
-    """[n] int32: each key's row in the copy (-1: read the cache). Remembered per
-    (multiplicity, row_of): every layer of a group reads the same keys in a step."""
+    """[n] int32: each key's row in the copy (-1: read the cache). Remembered per keys object
+    (the layers of a step share one), and the rows of the keys below the copy's end per
+    (multiplicity, row_of): a view read over several steps differs only by the generated keys
+    after them (never copied)."""
     tag = (id(multiplicity), id(key_copy.row_of))
+    last = _ROWS_OF_KEYS.get(tag)
+    if last is not None and last[0]() is keys:
+        return last[1]
+    end = key_copy.row_of.numel()
+    below = int(torch.searchsorted(keys, end))  # keys are ascending: the first `below` may be copied
     entry = _ROWS.get(tag)
-    if (entry is not None and entry[0]() is multiplicity and entry[1]() is key_copy.row_of
-            and entry[2].numel() == keys.numel()):
-        return entry[2]
-    if len(_ROWS) > 1024:
-        _ROWS.clear()
-    rows = torch.full((keys.numel(),), -1, dtype=torch.int32)
-    inside = keys < key_copy.row_of.numel()
-    rows[inside] = key_copy.row_of[keys[inside]]
+    if not (entry is not None and entry[0]() is multiplicity and entry[1]() is key_copy.row_of
+            and entry[2].numel() == below):
+        if len(_ROWS) > 1024:
+            _ROWS.clear()
+            _ROWS_OF_KEYS.clear()
+        entry = (weakref.ref(multiplicity) if multiplicity is not None else None, weakref.ref(key_copy.row_of),
+                 key_copy.row_of[keys[:below]].to(torch.int32))
+        if multiplicity is not None:
+            _ROWS[tag] = entry
+    rows = entry[2]
+    if rows.numel() < keys.numel():  # the generated keys read the cache
+        rows = torch.cat((rows, rows.new_full((keys.numel() - rows.numel(),), -1)))
     if multiplicity is not None:
-        _ROWS[tag] = (weakref.ref(multiplicity), weakref.ref(key_copy.row_of), rows)
+        _ROWS_OF_KEYS[tag] = (weakref.ref(keys), rows)
     return rows
+
+
 _LAYOUTS: dict[int, tuple[weakref.ref, int]] = {}  # id(offsets) -> (weak ref, code)
 
 
@@ -113,7 +127,7 @@ def layout_code(offsets: torch.Tensor, transposed_ok: bool = False) -> int:
     return code if (code != 2 or transposed_ok) else 0
 
 
-_KEYS: dict[int, tuple[weakref.ref, int, tuple]] = {}  # id(multiplicity) -> (weak ref, seq_len, keys/bias)
+_KEYS: dict[int, list] = {}  # id(multiplicity) -> [weak ref, length, keys/bias, (seq_len, extended) or None]
 _ALL: dict[int, tuple] = {}  # seq_len -> keys/bias of multiplicity None
 
 
@@ -129,16 +143,32 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
             keys = torch.arange(seq_len)
             _ALL[seq_len] = (keys, None, keys.to(torch.int32), _EMPTY)
         return _ALL[seq_len]
+    prefix = multiplicity.dim() == 1 and multiplicity.numel() < seq_len  # later positions read 1
+    length = multiplicity.numel() if prefix else seq_len
     entry = _KEYS.get(id(multiplicity))
-    if entry is not None and entry[0]() is multiplicity and entry[1] == seq_len:
+    if entry is None or entry[0]() is not multiplicity or entry[1] != length:
+        if len(_KEYS) > 256:
+            _KEYS.clear()
+        keys, bias = ref.keys_and_bias(multiplicity, length)
+        flat = bias.reshape(-1).float().contiguous()  # one decode query: a 1-D bias
+        result = (keys, bias, keys.to(torch.int32), _EMPTY if bool((flat == 0).all()) else flat)
+        entry = _KEYS[id(multiplicity)] = [weakref.ref(multiplicity), length, result, None]
+    if not prefix:
         return entry[2]
-    if len(_KEYS) > 256:
-        _KEYS.clear()
-    keys, bias = ref.keys_and_bias(multiplicity, seq_len)
-    flat = bias.reshape(-1).float().contiguous()  # one decode query: a 1-D bias
-    result = (keys, bias, keys.to(torch.int32), _EMPTY if bool((flat == 0).all()) else flat)
-    _KEYS[id(multiplicity)] = (weakref.ref(multiplicity), seq_len, result)
-    return result
+    if entry[3] is None or entry[3][0] != seq_len:  # the layers of a step share one extension
+        entry[3] = (seq_len, _extended(entry[2], length, seq_len))
+    return entry[3][1]
+
+
+def _extended(result, length: int, seq_len: int):
+    """``result`` of the first ``length`` positions, with positions ``length..seq_len-1`` read at 1."""
+    keys, bias, keys32, bias32 = result
+    more = torch.arange(length, seq_len)
+    keys = torch.cat((keys, more))
+    if bias is not None:
+        bias = torch.cat((bias, bias.new_zeros(more.numel())))
+    return (keys, bias, keys.to(torch.int32),
+            bias32 if not bias32.numel() else torch.cat((bias32, bias32.new_zeros(more.numel()))))
 
 
 def runs_cpp_kernel(query: torch.Tensor) -> bool:

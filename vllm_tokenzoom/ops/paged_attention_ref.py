@@ -54,6 +54,8 @@ def keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     if multiplicity is None:
         return torch.arange(seq_len), None
     m = multiplicity[..., :seq_len].float()
+    if m.shape[-1] < seq_len:  # a multiplicity of the first positions only: the later ones read 1
+        m = torch.nn.functional.pad(m, (0, seq_len - m.shape[-1]), value=1.0)
     keys = ((m > 0) if m.dim() == 1 else (m > 0).any(0)).nonzero().squeeze(1)
     return keys, torch.log(m[..., keys])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -91,6 +92,11 @@ class RequestSession:
         return layout
 
     # -- score routing ---------------------------------------------------------------------
+    @cached_property
+    def decode_score_layers(self) -> frozenset[int]:
+        """The layers at which a decode policy scores the query of a decode step."""
+        return frozenset(a.layer for p in self.decode.values() for a in p.score_requests())
+
     def score_queries(self, layer: int, first: int, last: int) -> list[tuple[str, list[int]]]:
         """(policy, query positions) whose scores a policy wants at ``layer`` from a batch row
         computing positions ``first..last``."""
@@ -145,13 +151,15 @@ class RequestSession:
             TRACES[self.req_id].setdefault(name, []).append(entry())
 
     # -- what the attention reads --------------------------------------------------------------
-    def multiplicity(self, layer: int, position: int, segment: Segment, cache_len: int) -> torch.Tensor | None:
-        """[cache_len] float32 multiplicities over the segment's cache indices for the query at
-        ``position`` (None: all ones). The same object for the same view within a step."""
+    def multiplicity(self, layer: int, position: int, segment: Segment) -> torch.Tensor | None:
+        """[P] float32 multiplicities over the segment's prompt cache indices (its ``P`` alive
+        prompt tokens; generated tokens after them read 1) for the query at ``position``
+        (None: all ones). The same object for the same view, across steps: the kernels'
+        keys and biases derived from it are computed once per view."""
         factors = self.view.factors(layer, position)
         if not factors:
             return None
-        key = (id(segment), cache_len, *map(id, factors))
+        key = (id(segment), *map(id, factors))
         hit = self._multiplicities.get(key)
         if hit is not None:
             return hit[1]
@@ -159,7 +167,7 @@ class RequestSession:
             self._multiplicities.clear()
         visual = self.view.multiplicity(layer, position)  # [V]
         rows, index = segment.alive_on(visual.device)  # host-computed integer indices: no device sync
-        m = torch.ones(cache_len, dtype=torch.float32, device=visual.device)
+        m = torch.ones(segment.alive_prompt_tokens, dtype=torch.float32, device=visual.device)
         m[index] = visual[rows]
         self._multiplicities[key] = ((segment, factors), m)  # holds the objects whose ids make the key
         return m
@@ -198,7 +206,6 @@ class RequestSession:
     def settle(self) -> None:
         """Between steps: fold this step's view values into the compact history."""
         self.view.settle()
-        self._multiplicities.clear()
 
 
 def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_size: int) -> list[int]:

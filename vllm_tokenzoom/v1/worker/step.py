@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,6 +41,14 @@ class RowSpan:
     @property
     def num_queries(self) -> int:
         return self.positions.numel()
+
+    @cached_property
+    def first(self) -> int:
+        return int(self.positions[0])
+
+    @cached_property
+    def last(self) -> int:
+        return int(self.positions[-1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,7 +159,13 @@ class Step:
         return needs
 
     def _row_needs(self, layer: int, row: int, session, span: RowSpan) -> list[QueryNeed]:
-        first, last = int(span.positions[0]), int(span.positions[-1])
+        first, last = span.first, span.last
+        n = session.num_prompt_tokens
+        if first == last >= n and layer not in session.decode_score_layers:  # a decode row no policy scores here
+            if not session.view.factors(layer, last):
+                return []
+            m = session.multiplicity(layer, last, span.segment)
+            return [QueryNeed(row, span.start, last, span.segment, span.cache_len, m, (), session)]
         asks: dict[int, list[str]] = {}
         for name, positions in session.score_queries(layer, first, last):
             for q in positions:
@@ -163,8 +178,9 @@ class Step:
                 continue
             token = span.start + (span.num_queries - 1 - (last - q) if q >= session.num_prompt_tokens
                                   else int(torch.searchsorted(span.positions, q)))
-            cache_len = int(span.segment.cache_index(torch.tensor([q]))[0]) + 1
-            m = session.multiplicity(layer, q, span.segment, cache_len) if has_view else None
+            cache_len = (span.segment.generated_index(q) if q >= session.num_prompt_tokens
+                         else int(span.segment.cache_index(torch.tensor([q]))[0])) + 1
+            m = session.multiplicity(layer, q, span.segment) if has_view else None
             needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, tuple(asks.get(q, ())), session))
         return needs
 
@@ -211,22 +227,26 @@ class Step:
     # -- layouts and metadata ------------------------------------------------------------------
     def _layout_for(self, layer: int, current: Layout) -> tuple[Layout, torch.Tensor | None]:
         """The layout from ``layer`` on, given the one before; (current, None) when unchanged."""
-        rows, keep, changed, start = [], [], False, 0
+        rows, keep, changed, start = [], _Indices(), False, 0
         for session, span in zip(self.sessions, current.rows):
             segment = session.layout.segment(layer) if session is not None else None
             if segment is span.segment:
                 new = span if span.start == start else dataclasses.replace(span, start=start)
-                keep.append(torch.arange(span.start, span.start + span.num_queries))
+                keep.add_range(span.start, span.start + span.num_queries)
+            elif span.num_queries == 1 and span.first >= session.num_prompt_tokens:  # decode: never dies
+                changed = True
+                keep.add_range(span.start, span.start + 1)
+                new = RowSpan(start, span.positions, span.seq_len, segment, segment.generated_index(span.last) + 1)
             else:
                 changed = True
                 alive = segment.cache_index(span.positions) >= 0 if span.num_queries else span.positions.bool()
-                keep.append(span.start + alive.nonzero().flatten())
+                keep.add(span.start + alive.nonzero().flatten())
                 new = RowSpan(start, span.positions[alive], span.seq_len, segment, segment.cache_len(span.seq_len))
             rows.append(new)
             start += new.num_queries
         if not changed:
             return current, None
-        keep = torch.cat(keep) if keep else torch.empty(0, dtype=torch.int64)
+        keep = keep.tensor()
         return Layout(tuple(rows), current.base_index[keep]), keep
 
     def _install(self, ctx, layer: int, layout: Layout, pad: bool) -> None:
@@ -255,20 +275,59 @@ class Step:
             ctx.slot_mapping[name] = slots
 
     def _slots(self, layout: Layout) -> torch.Tensor:
-        """[num_tokens] the KV slot each batch token writes in this layout."""
-        base = self.common.slot_mapping[layout.base_index.to(self.common.slot_mapping.device)].cpu()
-        block_table, block_size = self.common.block_table_tensor, self.block_size
+        """[num_tokens] the KV slot each batch token writes in this layout (on the cache's
+        device: one gather through the block table for every compacted row, no host sync)."""
+        device = self.common.slot_mapping.device
+        base = self.common.slot_mapping[layout.base_index.to(device)]
+        rows, index, tokens = _Indices(), _Indices(), _Indices()
         for r, span in enumerate(layout.rows):
             if span.segment is None or not span.segment.compacted or not span.num_queries:
                 continue
-            index = span.segment.cache_index(span.positions)  # [nq] cache indices
-            blocks = block_table[r, (index // block_size).to(block_table.device)].cpu().to(torch.int64)
-            base[span.start:span.start + span.num_queries] = blocks * block_size + index % block_size
+            tokens.add_range(span.start, span.start + span.num_queries)
+            if span.num_queries == 1 and span.first >= span.segment.num_prompt_tokens:  # a decode row
+                rows.add_range(r, r + 1)
+                c = span.segment.generated_index(span.first)
+                index.add_range(c, c + 1)
+            else:
+                rows.add(torch.full((span.num_queries,), r))
+                index.add(span.segment.cache_index(span.positions))  # [nq] cache indices
+        index = index.tensor().to(device)
+        if not index.numel():
+            return base
+        block_table, block_size = self.common.block_table_tensor, self.block_size
+        blocks = block_table[rows.tensor().to(device), index // block_size].to(base.dtype)
+        base = base.clone()
+        base[tokens.tensor().to(device)] = blocks * block_size + index % block_size
         return base
 
     @property
     def block_size(self) -> int:
         return self.builder.kv_cache_spec.block_size
+
+
+class _Indices:
+    """Batch-token indices gathered row by row: ranges as Python ints, tensors as they come
+    (one tensor at the end, not one per row)."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.ints: list[int] = []
+
+    def add_range(self, lo: int, hi: int) -> None:
+        self.ints.extend(range(lo, hi))
+
+    def add(self, indices: torch.Tensor) -> None:
+        self._flush()
+        self.parts.append(indices)
+
+    def _flush(self) -> None:
+        if self.ints:
+            self.parts.append(torch.tensor(self.ints, dtype=torch.int64))
+            self.ints = []
+
+    def tensor(self) -> torch.Tensor:
+        self._flush()
+        return torch.cat(self.parts) if self.parts else torch.empty(0, dtype=torch.int64)
 
 
 def set_current(step: Step | None) -> None:
