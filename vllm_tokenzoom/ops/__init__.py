@@ -83,25 +83,25 @@ _ROWS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}
 _ROWS_OF_KEYS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _copy_rows(keys: torch.Tensor, multiplicity, key_copy: KeyCopy) -> torch.Tensor:
+def _copy_rows(keys: torch.Tensor, multiplicity, row_of: torch.Tensor) -> torch.Tensor:
     """[n] int32: each key's row in the copy (-1: read the cache). Remembered per keys object
     (the layers of a step share one), and the rows of the keys below the copy's end per
     (multiplicity, row_of): a view read over several steps differs only by the generated keys
     after them (never copied)."""
-    tag = (id(multiplicity), id(key_copy.row_of))
+    tag = (id(multiplicity), id(row_of))
     last = _ROWS_OF_KEYS.get(tag)
     if last is not None and last[0]() is keys:
         return last[1]
-    end = key_copy.row_of.numel()
+    end = row_of.numel()
     below = int(torch.searchsorted(keys, end))  # keys are ascending: the first `below` may be copied
     entry = _ROWS.get(tag)
-    if not (entry is not None and entry[0]() is multiplicity and entry[1]() is key_copy.row_of
+    if not (entry is not None and entry[0]() is multiplicity and entry[1]() is row_of
             and entry[2].numel() == below):
         if len(_ROWS) > 1024:
             _ROWS.clear()
             _ROWS_OF_KEYS.clear()
-        entry = (weakref.ref(multiplicity) if multiplicity is not None else None, weakref.ref(key_copy.row_of),
-                 key_copy.row_of[keys[:below]].to(torch.int32))
+        entry = (weakref.ref(multiplicity) if multiplicity is not None else None, weakref.ref(row_of),
+                 row_of[keys[:below]].to(torch.int32))
         if multiplicity is not None:
             _ROWS[tag] = entry
     rows = entry[2]
@@ -189,7 +189,7 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
     if single and (use_triton or use_cpp):
         keys, bias, keys32, bias32 = _keys_and_bias(multiplicity, seq_len)  # one decode query: 1-D keys, bias
         if use_cpp:
-            rows = _NO_ROWS if key_copy is None else _copy_rows(keys, multiplicity, key_copy)
+            rows = _NO_ROWS if key_copy is None else _copy_rows(keys, multiplicity, key_copy.row_of)
             result, mass = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_row,
                                        [(keys32, bias32, key_copy, rows)], scale, want_mass, out)
             return result, (mass[0] if want_mass else None), keys
@@ -208,18 +208,51 @@ def indexed_paged_attention(query, k_region, v_region, k_offsets, v_offsets, blo
     return (o if out is None else out.copy_(o)), (mass if want_mass else None), keys
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeRequests:
+    """What R single-query entries of a C++ call read, derived once and shared by every layer
+    that reads the same views (the backend prepares it per step and layout): keys [n_r] int64
+    and int32, the bias (f32, or empty when every multiplicity is 0 or 1) and the key-copy rows
+    (int32, or empty: no copy) of each."""
+
+    keys: list[torch.Tensor]
+    keys32: list[torch.Tensor]
+    bias32: list[torch.Tensor]
+    copy_rows: list[torch.Tensor]
+
+
+def decode_requests(seq_lens, multiplicities, row_ofs=None) -> DecodeRequests:
+    """seq_lens, multiplicities (each [seq_len], a prefix of it, or None) and ``row_ofs`` (the
+    ``row_of`` of each request's key copy, or None), one per request."""
+    row_ofs = row_ofs or [None] * len(seq_lens)
+    entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
+    rows = [_NO_ROWS if r is None else _copy_rows(e[0], m, r) for e, m, r in zip(entries, multiplicities, row_ofs)]
+    return DecodeRequests([e[0] for e in entries], [e[2] for e in entries], [e[3] for e in entries], rows)
+
+
+def run_decode_requests(query, k_region, v_region, k_offsets, v_offsets, block_table, requests: DecodeRequests,
+                        scale: float, want_mass: bool = True, out=None, key_copies=None):
+    """R decode queries in one C++ call (CPU): query [R, Hq, hs], block_table [R, max_blocks],
+    ``key_copies`` (each a KeyCopy, whose ``row_of`` ``requests`` was prepared with, or None).
+    -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
+    key_copies = key_copies or [None] * len(requests.keys)
+    entries = [(k, b, c, r if c is not None else _NO_ROWS)
+               for k, b, c, r in zip(requests.keys32, requests.bias32, key_copies, requests.copy_rows)]
+    result, masses = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, entries, scale,
+                                 want_mass, out)
+    return result, (masses if want_mass else None), requests.keys
+
+
 def indexed_decode_batch(query, k_region, v_region, k_offsets, v_offsets, block_table, seq_lens,
                          multiplicities, scale: float, want_mass: bool = True, out=None, key_copies=None):
     """R decode queries in one C++ call (CPU): query [R, Hq, hs], block_table [R, max_blocks],
-    seq_lens, multiplicities (each [seq_len] or None) and key_copies (each a KeyCopy or None)
-    one per request. -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None, keys: R tensors [n_r])."""
+    seq_lens, multiplicities (each [seq_len], a prefix of it, or None) and key_copies (each a
+    KeyCopy or None) one per request. -> (out [R, Hq, hs], masses: R tensors [1, n_r] or None,
+    keys: R tensors [n_r])."""
     key_copies = key_copies or [None] * len(seq_lens)
-    entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
-    requests = [(e[2], e[3], c, _NO_ROWS if c is None else _copy_rows(e[0], m, c))
-                for e, m, c in zip(entries, multiplicities, key_copies)]
-    result, masses = _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, requests, scale,
-                                 want_mass, out)
-    return result, (masses if want_mass else None), [e[0] for e in entries]
+    requests = decode_requests(seq_lens, multiplicities, [None if c is None else c.row_of for c in key_copies])
+    return run_decode_requests(query, k_region, v_region, k_offsets, v_offsets, block_table, requests, scale,
+                               want_mass, out, key_copies)
 
 
 def _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, requests, scale, want_mass, out):
@@ -234,4 +267,4 @@ def _cpp_decode(query, k_region, v_region, k_offsets, v_offsets, block_table, re
     return result, masses
 
 
-__all__ = ["indexed_paged_attention", "indexed_decode_batch", "kernel_choice", "cpp_ops", "KeyCopy", "copy_keys", "rows_of", "runs_cpp_kernel"]
+__all__ = ["indexed_paged_attention", "indexed_decode_batch", "decode_requests", "run_decode_requests", "DecodeRequests", "kernel_choice", "cpp_ops", "KeyCopy", "copy_keys", "rows_of", "runs_cpp_kernel"]

@@ -79,6 +79,7 @@ class Step:
         self.version = 0  # bumped whenever a decision changed a view
         self._inbox: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._needs: dict[tuple, list[QueryNeed]] = {}
+        self.prepared: dict[int, tuple] = {}  # id(needs) -> what a kernel call derived from them (the backend's)
         self._layouts: dict[int, Layout] = {}  # first layer -> layout in force from it
         first = {p.first_layer for s in sessions if s is not None for p in s.decode.values()}
         self._first_layers = tuple(sorted(first))
@@ -155,6 +156,7 @@ class Step:
                 needs += self._row_needs(layer, r, session, span)
         if len(self._needs) > 16:
             self._needs.clear()
+            self.prepared.clear()
         self._needs[key] = needs
         return needs
 

@@ -20,7 +20,7 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
-from vllm_tokenzoom.ops import indexed_decode_batch, indexed_paged_attention, layout_code, runs_cpp_kernel
+from vllm_tokenzoom.ops import decode_requests, indexed_paged_attention, layout_code, run_decode_requests, runs_cpp_kernel
 from vllm_tokenzoom.v1.worker import step as steps
 
 
@@ -68,15 +68,25 @@ class IndexedRowsMixin:
         return output
 
     def _cpp_queries(self, layer_index, step, query, regions, block_table, output, needs) -> None:
-        """Every indexed query of the layer in one C++ kernel call (CPU)."""
+        """Every indexed query of the layer in one C++ kernel call (CPU). What the call reads
+        but the layer's K and V (rows, key lists, biases, copy rows) is prepared once per step
+        for the layers that share ``needs`` (one object per layout and views)."""
         k_region, v_region, k_offsets, v_offsets = regions
-        tokens = torch.tensor([n.token for n in needs])
-        rows = block_table[torch.tensor([n.row for n in needs])]  # [R, max_blocks]
-        copies = [_key_copy(layer_index, n, regions, rows[i]) for i, n in enumerate(needs)]
+        prep = step.prepared.get(id(needs))
+        if prep is None or prep[0] is not needs:
+            copied = [_reads_key_copy(layer_index, n, k_offsets) for n in needs]
+            requests = decode_requests([n.cache_len for n in needs], [n.multiplicity for n in needs],
+                                       [n.segment.copy_rows if c else None for n, c in zip(needs, copied)])
+            rows = block_table[torch.tensor([n.row for n in needs])]  # [R, max_blocks]
+            prep = step.prepared[id(needs)] = (needs, torch.tensor([n.token for n in needs]), rows, requests, copied)
+        _, tokens, rows, requests, copied = prep
+        copies = [n.session.key_copy(layer_index, n.segment, k_region, k_offsets, rows[i]) if c else None
+                  for i, (n, c) in enumerate(zip(needs, copied))]
+        assert all(c is None or c.row_of is n.segment.copy_rows for c, n in zip(copies, needs)), \
+            "a key copy made for another cache layout"
         want_mass = any(n.scores for n in needs)
-        out, masses, keys = indexed_decode_batch(query[tokens], k_region, v_region, k_offsets, v_offsets, rows,
-                                                 [n.cache_len for n in needs], [n.multiplicity for n in needs],
-                                                 self.scale, want_mass=want_mass, key_copies=copies)
+        out, masses, keys = run_decode_requests(query[tokens], k_region, v_region, k_offsets, v_offsets, rows, requests,
+                                                self.scale, want_mass=want_mass, key_copies=copies)
         output.index_copy_(0, tokens, out.view(len(needs), *output.shape[1:]).to(output.dtype))
         for need, mass, row_keys in zip(needs, masses or [None] * len(needs), keys):
             if need.scores:
@@ -93,13 +103,11 @@ class IndexedRowsMixin:
             step.record(layer_index, need, _all_heads(mass[0], self.num_heads), keys)
 
 
-def _key_copy(layer_index: int, need, regions, block_row):
-    """The session's key copy for a pruned decode query over vLLM's (transposed) CPU K, else None."""
-    k_region, _, k_offsets, _ = regions
-    if (need.multiplicity is None or need.position < need.session.num_prompt_tokens
-            or not need.session.wants_key_copy(layer_index) or layout_code(k_offsets, transposed_ok=True) != 2):
-        return None
-    return need.session.key_copy(layer_index, need.segment, k_region, k_offsets, block_row)
+def _reads_key_copy(layer_index: int, need, k_offsets) -> bool:
+    """Whether a pruned decode query reads the session's key copy at this layer (over vLLM's
+    transposed CPU K)."""
+    return (need.multiplicity is not None and need.position >= need.session.num_prompt_tokens
+            and need.session.wants_key_copy(layer_index) and layout_code(k_offsets, transposed_ok=True) == 2)
 
 
 def _all_heads(mass: torch.Tensor, local_heads: int) -> torch.Tensor:
