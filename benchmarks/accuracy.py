@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import preset_fits  # noqa: E402
 from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.config import parse_config  # noqa: E402
-from vllm_tokenzoom.errors import TokenZoomConfigError  # noqa: E402
-from vllm_tokenzoom.methods import VAS, Stage  # noqa: E402
+from vllm_tokenzoom.methods import Stage  # noqa: E402
 from vllm_tokenzoom.testing import videoqa  # noqa: E402
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
@@ -83,15 +83,6 @@ def drop_layer(drop) -> int:
     return drop["layer"] if isinstance(drop, dict) else drop[0]
 
 
-def vas_fits(num_layers: int) -> bool:
-    """VAS's defaults (scoring from layer 2 to the last index - 4) need a model of >= 9 layers."""
-    try:
-        VAS().check_model(num_layers)
-    except TokenZoomConfigError:
-        return False
-    return True
-
-
 def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]:
     """(name, method family, tokenzoom config or None for vanilla vLLM): the methods; the
     baselines come after them, at the shares the methods measured (``baselines``)."""
@@ -101,7 +92,7 @@ def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]
     out += [(f"ttm K={k}", "ttm", ttm(k)) for k in ks]
     out += [(f"fastv K={FASTV_LAYER} R={r}", "fastv", fastv(r)) for r in rs]
     out += [("dycoke (K=0.7, L=3, P=0.7)", "dycoke", {"preset": "dycoke"})]
-    if vas_fits(num_layers):
+    if preset_fits("vas", num_layers):
         grid = [(0.3, 4)] if quick else [(r, i) for i in (4, 3) for r in (0.2, 0.3, 0.4, 0.5)]
         out += [(f"vas r={r} interval={i}" + (" (default)" if (r, i) == (0.3, 4) else ""), "vas",
                  {"methods": {"vas": {"ratio": r, "interval": i}}}) for r, i in grid]

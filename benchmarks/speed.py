@@ -43,8 +43,8 @@ from ttft_ttm import PER_FRAME, RESULTS, _version, append_csv, machine  # noqa: 
 
 from vllm_tokenzoom.testing.offline import ENV, run_offline  # noqa: E402
 
-NAMES = ("vanilla", "ttm", "dycoke", "oracle-ttm", "oracle-dycoke")
-PRESET = {"ttm": "ttm", "dycoke": "dycoke"}
+NAMES = ("vanilla", "ttm", "dycoke", "cascade", "oracle-ttm", "oracle-dycoke")
+PRESET = {"ttm": "ttm", "dycoke": "dycoke", "cascade": "cascade"}
 
 
 def settings(model: str, frames: int) -> dict[str, dict]:
@@ -58,11 +58,24 @@ def settings(model: str, frames: int) -> dict[str, dict]:
     layers = json.loads((Path(model) / "config.json").read_text())["text_config"]["num_hidden_layers"]
     attended = dp.mean_attended(kept, layers)
     out = {name: dict(config={"tokenzoom": {"preset": preset}}, plugins=True, frames=frames)
-           for name, preset in PRESET.items()}
+           for name, preset in PRESET.items() if preset_fits(preset, layers)}
     out["vanilla"] = dict(config={}, plugins=False, frames=frames)
     for name, tokens in (("oracle-ttm", kept), ("oracle-dycoke", attended)):
         out[name] = dict(config={}, plugins=False, frames=max(1, round(tokens / PER_FRAME)))
-    return {name: out[name] for name in NAMES}
+    return {name: out[name] for name in NAMES if name in out}
+
+
+def preset_fits(preset: str, layers: int) -> bool:
+    """Whether a preset's settings fit a model of ``layers`` layers (VAS's defaults need >= 9)."""
+    from vllm_tokenzoom.config import parse_config
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    try:
+        parse_config({"tokenzoom": {"preset": preset}}).for_model(layers)
+    except TokenZoomConfigError as e:
+        print(f"skipping {preset!r} on this model: {e}", flush=True)
+        return False
+    return True
 
 
 def _offline(args, setting, requests, **kwargs):

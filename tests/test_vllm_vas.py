@@ -70,18 +70,21 @@ def test_later_layers_compute_only_the_alive_rows(tiny_deep_model, reference):
     assert forwards[-2:] == [[1] * LAYERS] * 2  # decode forwards
 
 
-def test_mixed_batch_vas_fastv_dp_and_plain_requests(tiny_deep_model, reference):
+@pytest.mark.parametrize("ttm", [False, True], ids=["no pre-LLM stage", "after TTM"])
+def test_mixed_batch_vas_fastv_dp_and_plain_requests(tiny_deep_model, reference, ttm):
     """One engine, one batch: VAS, FastV, dp, VAS + dp and plain video requests (a test hook
-    assigns the methods per request) and a text-only request, each equal to its reference
-    (the plain ones to the reference without methods)."""
+    assigns the in-LLM methods per request) and a text-only request, each equal to its
+    reference (the plain ones to the reference without methods). After TTM (the engine's
+    pre-LLM stage) the same mix is cascade-like, ttm + fastv, dycoke (ttm + dp), cascade and ttm."""
     batch = [VIDEOS[0], TEXT[0], VIDEOS[1], VIDEOS[2], dict(VIDEOS[0], seed=63), dict(VIDEOS[1], seed=64)]
     mix = [{"vas": BUSY}, {"fastv": {"layer": 3}}, {"dp": {}}, {"vas": BUSY, "dp": {}}, {}]
-    config = {"tokenzoom": {"methods": {"vas": BUSY, "dp": {}}}}
+    config = {"tokenzoom": {"methods": {**({"ttm": {}} if ttm else {}), "vas": BUSY, "dp": {}}}}
     outputs = run_offline(tiny_deep_model, batch, config, batch=True, preload=["tests.policy_mix_hook"],
                           env={"TOKENZOOM_TEST_MIX": json.dumps(mix)}, trace=True)["outputs"]
     policies = [dict(vas=VAS(**BUSY)), dict(fastv=FastV(layer=3)), dict(dp=DP()), dict(vas=VAS(**BUSY), dp=DP()), {}]
+    pre = dict(ttm=TTM()) if ttm else {}
     for i, mine in zip((0, 2, 3, 4, 5), policies):
-        ref = reference(batch[i], **mine)
+        ref = reference(batch[i], **pre, **mine)
         if mine:
             assert_matches(outputs[i], ref)
         assert outputs[i]["tokens"] == ref.tokens
