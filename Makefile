@@ -68,9 +68,11 @@ bench-quick: install tiny-model
 train-videoqa: install
 	$(PY) benchmarks/train_videoqa.py --out checkpoints/videoqa-tiny --eval-every 400
 
-# retrain checkpoints/videoqa-deep (12 LM layers, for VAS) from scratch (seed 0)
+# checkpoints/videoqa-deep (12 LM layers, for VAS): checkpoints/videoqa-tiny grown to 12 layers
+# (each layer three scaled copies) and fine-tuned on whole and partly dropped clips
 train-videoqa-deep: install
-	$(PY) benchmarks/train_videoqa.py --preset tiny-deep --out checkpoints/videoqa-deep --eval-every 400
+	$(PY) benchmarks/train_videoqa.py --preset tiny-deep --init checkpoints/videoqa-tiny \
+	    --cache models/videoqa-features --shares mixed --steps 600 --lr 3e-4 --out checkpoints/videoqa-deep --eval-every 200
 
 clean:
 	rm -rf $(VENV) $(MODELS) build *.egg-info
