@@ -235,3 +235,19 @@ def test_a_prompt_longer_than_one_prefill_step_is_refused_per_request(tiny_deep_
     assert lines[0].startswith("VLLMValidationError: The decoder prompt (length 3016) is longer than the maximum "
                                "model length of 2048. Make sure that `max_model_len`"), lines[0]
     assert lines[1] == "TOKENS 3"
+
+
+def test_ata_refusals_name_what_to_change(tiny_model):
+    """ATA decides from the token each step sampled: async scheduling is refused when asked for
+    (and turned off otherwise); its default layer set (10-25) does not fit a 4-layer model."""
+    ata = {"tokenzoom": {"methods": {"ata": {"first_score_layer": 1}}}}
+    lines = _llm_attempts(tiny_model, [
+        (ata, {"async_scheduling": True}),
+        ({"tokenzoom": {"methods": {"ata": {}}}}, {}),
+        (ata, {}),
+    ])
+    assert lines[0].startswith("TokenZoomConfigError: --async-scheduling cannot run with tokenzoom method(s) 'ata'")
+    assert "drop --async-scheduling" in lines[0]
+    assert ("tokenzoom.methods.ata.first_score_layer = 10 is out of range for this model; allowed: 0 <= "
+            "first_score_layer <= last_score_layer < 4") in lines[1]
+    assert lines[2].startswith("STARTED"), lines[2]

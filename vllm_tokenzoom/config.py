@@ -75,17 +75,22 @@ class TokenZoomConfig:
             out = out | policy.requirements
         return out
 
+    @property
+    def needs_tokenizer(self) -> bool:
+        """Whether a policy has a default that comes from the model's tokenizer (``for_model``)."""
+        return any(p.needs_tokenizer() for p in self.methods.values())
+
     def needing(self, requirement: str) -> list[str]:
         """Names of the enabled methods whose requirements set ``requirement``."""
         return [name for name, p in self.methods.items() if getattr(p.requirements, requirement)]
 
-    def for_model(self, num_layers: int) -> "TokenZoomConfig":
+    def for_model(self, num_layers: int, tokenizer=None) -> "TokenZoomConfig":
         """Every policy checked against a model of ``num_layers`` decoder layers, its
-        model-dependent defaults filled in (``Policy.for_model``)."""
+        model-dependent defaults filled in (``Policy.for_model``; from ``tokenizer`` too, where given)."""
         methods = {}
         for name, policy in self.methods.items():
             try:
-                methods[name] = policy.for_model(num_layers)
+                methods[name] = policy.for_model(num_layers, tokenizer)
             except TokenZoomConfigError as e:
                 raise TokenZoomConfigError(f"{CONFIG_KEY}.methods.{name}.{e}") from None
         return dataclasses.replace(self, methods=types.MappingProxyType(methods))

@@ -8,6 +8,7 @@ setting the user left at its default) it sets, and says so in the log:
 - chunked prefill off for prefill-stage methods: the video and the text after it must be
   in one forward, so every prompt is prefilled in one step (vLLM then sizes
   ``max_num_batched_tokens`` to at least ``max_model_len``);
+- async scheduling off for methods that decide from the token a step sampled (ATA);
 - tokenzoom's attention backend on CUDA (the CPU platform always uses tokenzoom's override).
 No method-specific branch here: each check reads ``Requirements`` fields.
 """
@@ -60,6 +61,13 @@ def fit_engine_args(engine_args, config) -> None:
             f"--pipeline-parallel-size {engine_args.pipeline_parallel_size} cannot run with tokenzoom method(s) "
             f"{_names(config.needing('no_pipeline_parallel'))}: a decision at one layer must reach the layers "
             "of every stage; allowed: 1 (tensor parallelism works)")
+    if req.sync_scheduling:
+        methods = config.needing("sync_scheduling")
+        if engine_args.async_scheduling:
+            raise TokenZoomConfigError(
+                f"--async-scheduling cannot run with tokenzoom method(s) {_names(methods)}: they decide from the "
+                "token each step sampled before the next step starts; drop --async-scheduling (tokenzoom turns it off)")
+        engine_args.async_scheduling = False
     if req.attention_backend:
         _cuda_backend(engine_args, config.needing("attention_backend"))
 

@@ -5,6 +5,7 @@ Each declares its stage, the scores it needs and its engine requirements (``base
 Adding a method (docs/architecture.md, "Adding a method"): a file here, one line in
 ``REGISTRY``, its dense reference in ``vllm_tokenzoom/reference/``, its tests.
 """
+from vllm_tokenzoom.methods.ata import ATA
 from vllm_tokenzoom.methods.base import (
     DecodePolicy,
     KeptTokens,
@@ -28,12 +29,13 @@ REGISTRY: dict[str, type[Policy]] = {
     "fastv": FastV,
     "vas": VAS,
     "dp": DP,
+    "ata": ATA,
     "random_drop": RandomDrop,
     "frame_sampling": FrameSampling,
     "spatial_pool": SpatialPool,
 }
 # names reserved for the methods of the roadmap (README "Methods")
-PLANNED = ("ata", "voa")
+PLANNED = ("voa",)
 # at most one policy per config for these stages (one pre-LLM plan per video, one death-layer writer)
 ONE_PER_CONFIG = (Stage.PRE_LLM, Stage.PREFILL)
 
@@ -42,6 +44,6 @@ def of_stage(stage: Stage) -> tuple[str, ...]:
     return tuple(name for name, cls in REGISTRY.items() if cls.stage is stage)
 
 
-__all__ = ["DP", "FastV", "PLANNED", "REGISTRY", "TTM", "DecodePolicy", "FrameSampling", "KeptTokens", "Policy",
+__all__ = ["ATA", "DP", "FastV", "PLANNED", "REGISTRY", "TTM", "DecodePolicy", "FrameSampling", "KeptTokens", "Policy",
            "PreLLMPolicy", "PrefillPolicy", "Queries", "RandomDrop", "Requirements", "ScoreRequest", "SpatialPool",
            "Stage", "VAS", "of_stage"]

@@ -39,6 +39,9 @@ class Queries(enum.Enum):
     LAST_PROMPT = "the last prompt token"
     TEXT_AFTER_VIDEO = "every prompt token after the last video"
     DECODE = "the query of the current decode step"
+    # the query whose forward samples the next token: the last prompt token in the prefill,
+    # then each decode step's (a recomputation after preemption: its last query)
+    NEXT_TOKEN = "the query that samples the next token"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Requirements:
     kv_cache_dtypes: tuple[str, ...] | None = None  # None: any
     no_speculative_decoding: bool = False
     no_pipeline_parallel: bool = False
+    sync_scheduling: bool = False  # a decision needs the token sampled by the step before, on the host
 
     def __or__(self, other: "Requirements") -> "Requirements":
         dtypes = [d for d in (self.kv_cache_dtypes, other.kv_cache_dtypes) if d is not None]
@@ -86,10 +90,15 @@ class Policy:
     def check_model(self, num_layers: int) -> None:
         """Raise :class:`TokenZoomConfigError` when a setting does not fit a model of ``num_layers`` layers."""
 
-    def for_model(self, num_layers: int) -> "Policy":
-        """The policy with its model-dependent defaults filled in (checked with :meth:`check_model`)."""
+    def for_model(self, num_layers: int, tokenizer=None) -> "Policy":
+        """The policy with its model-dependent defaults filled in (checked with :meth:`check_model`);
+        ``tokenizer``: the model's, where a default comes from it (the worker passes it)."""
         self.check_model(num_layers)
         return self
+
+    def needs_tokenizer(self) -> bool:
+        """Whether :meth:`for_model` must be given the tokenizer to fill in a default."""
+        return False
 
     def score_requests(self) -> tuple[ScoreRequest, ...]:
         return ()
@@ -167,11 +176,18 @@ class PrefillPolicy(Policy):
 class DecodePolicy(Policy):
     """Between decode steps: from the scores of the current query, the multiplicity each visual
     token gets from layer ``first_layer`` on (0 skips it, 1 reads it, k counts it k times), in
-    force from the current query on. The view composes every policy's by product."""
+    force from the current query on. The view composes every policy's by product.
+
+    A policy that decides ``after_sampling`` gets its scores summed over its score layers and
+    the token that forward sampled; its multiplicities are in force from the next query on
+    (ZoomVLM's ATA acts on sentence ends). A ``permanent`` policy never revives a 0: blocks
+    whose tokens it zeroed in every layer go back to vLLM's pool while the request runs."""
 
     stage = Stage.DECODE
     requirements = IN_LLM
     key_copy = False  # on CPU, copy the visual tokens' K token-major for the layers it covers (``dp``)
+    after_sampling: ClassVar[bool] = False
+    permanent: ClassVar[bool] = False
 
     @property
     def first_layer(self) -> int:
@@ -182,8 +198,14 @@ class DecodePolicy(Policy):
         (None at first). -> (multiplicity [V]: integer counts as uint8, or float32; None for all
         ones; the next state). The session keeps every distinct value (compact history): the
         smaller the dtype, the less a request holds.
-        Returning the same tensor object as the step before means "unchanged" (compact history)."""
+        Returning the same tensor object as the step before means "unchanged" (compact history).
+        An ``after_sampling`` policy is called as ``step(scores, state, token)``."""
         raise NotImplementedError
+
+    def describe(self, position: int, value: torch.Tensor | None, state: Any) -> Any:
+        """The trace entry of a decision in force from ``position``: the position and the visual
+        indices read (None: all)."""
+        return position, None if value is None or bool((value == 1).all()) else value.nonzero().flatten().tolist()
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -104,7 +104,7 @@ class VAS(PrefillPolicy):
     def last_layer(self, num_layers: int) -> int:
         return num_layers - 5 if self.end_layer is None else self.end_layer
 
-    def for_model(self, num_layers: int) -> "VAS":
+    def for_model(self, num_layers: int, tokenizer=None) -> "VAS":
         self.check_model(num_layers)
         return dataclasses.replace(self, end_layer=self.last_layer(num_layers))
 

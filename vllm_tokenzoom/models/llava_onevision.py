@@ -35,12 +35,20 @@ from vllm_tokenzoom.patches import HF_CONFIG_ATTR
 from vllm_tokenzoom.v1.worker import step as steps
 
 
-def config_of(hf_config):
-    """The tokenzoom config the engine was configured with, or None."""
+def config_of(hf_config, tokenizer=None):
+    """The tokenzoom config the engine was configured with, or None; ``tokenizer`` resolves
+    the defaults that come from it (ATA's sentence ends; the worker passes it)."""
     resolved = getattr(hf_config, HF_CONFIG_ATTR, None)
     if resolved is None:
         return None
-    return parse_config({"tokenzoom": resolved}).for_model(hf_config.get_text_config().num_hidden_layers)
+    return parse_config({"tokenzoom": resolved}).for_model(hf_config.get_text_config().num_hidden_layers, tokenizer)
+
+
+def _tokenizer(model_config):
+    """The model's tokenizer (vLLM refuses ``--skip-tokenizer-init`` for this model's processor)."""
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    return cached_tokenizer_from_config(model_config)
 
 
 class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
@@ -64,6 +72,8 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokenzoom = config_of(vllm_config.model_config.hf_config)
+        if self.tokenzoom is not None and self.tokenzoom.needs_tokenizer:
+            self.tokenzoom = config_of(vllm_config.model_config.hf_config, _tokenizer(vllm_config.model_config))
         self.tokenzoom_pre_llm = None if self.tokenzoom is None else self.tokenzoom.pre_llm
         # what the pre-LLM stage kept of the most recent videos (tests and debugging: `LLM.apply_model`)
         self.tokenzoom_trace: deque[KeptTokens] = deque(maxlen=64)

@@ -7,8 +7,10 @@ Each method contributes a *hook* (``reference/<method>.py``):
   exactly what deleting its row gives (a row depends only on itself and the keys it sees),
   so the reference keeps full-length tensors and masks, while vLLM drops rows;
 - ``observe(layer, probs, query_positions)``: the fp32 attention probabilities
-  [Hq, q, kv] of this layer (softmax over every visible key), from which it decides.
-Hooks compose: a key is hidden when any hook hides it. HF's KV cache keeps every key.
+  [Hq, q, kv] of this layer (softmax over every visible key), from which it decides;
+- optionally ``bias(layer, query_positions, kv_len)`` -> [kv_len] fp32 added to every logit
+  of a key (or None): ``log c`` for a key counted c times (exactly attending c copies of it).
+Hooks compose: a key is hidden when any hook hides it, biases add. HF's KV cache keeps every key.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ class ReferenceAttention:
             hidden = hook.hidden(layer, query_positions, kv_len)
             if hidden is not None:
                 visible = visible & ~hidden[None, :]
+        for hook in self.hooks:
+            bias = getattr(hook, "bias", None)
+            bias = bias(layer, query_positions, kv_len) if bias is not None else None
+            if bias is not None:
+                logits = logits + bias
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
         for hook in self.hooks:
             hook.observe(layer, probs[0], query_positions)

@@ -16,11 +16,13 @@ import torch
 
 from vllm_tokenzoom.kv.token_map import TokenMap
 from vllm_tokenzoom.kv.view import visual_kv_share
+from vllm_tokenzoom.methods.ata import ATA
 from vllm_tokenzoom.methods.base import KeptTokens
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
 from vllm_tokenzoom.methods.vas import VAS
+from vllm_tokenzoom.reference.ata import ATAReference
 from vllm_tokenzoom.reference.attention import reference_attention
 from vllm_tokenzoom.reference.dp import DPReference
 from vllm_tokenzoom.reference.prefill import PrefillReference
@@ -96,10 +98,12 @@ class DenseLlavaOnevision:
 
     @torch.inference_mode()
     def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None, max_new_tokens: int = 16,
-                 dp: DP | None = None, fastv: FastV | None = None, vas: VAS | None = None) -> ReferenceOutput:
+                 dp: DP | None = None, fastv: FastV | None = None, vas: VAS | None = None,
+                 ata: ATA | None = None) -> ReferenceOutput:
         """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
         ``ttm`` prunes the video before the LLM, ``fastv`` or ``vas`` inside it during prefill,
-        ``dp`` during decode."""
+        ``dp`` and ``ata`` during decode (``ata`` resolved with the model's tokenizer unless it
+        names its sentence ends)."""
         ids, inputs_embeds, plan = self.prompt_embeds(video, prompt, ttm)
         kept = None if ttm is None else plan.source
         video_id = self.model.config.video_token_index
@@ -112,6 +116,9 @@ class DenseLlavaOnevision:
         hooks = [PrefillReference(name, policy.for_model(num_layers), token_map, num_layers)
                  for name, policy in (("fastv", fastv), ("vas", vas)) if policy is not None]
         hooks += [DPReference(dp, visual, n)] if dp is not None else []
+        if ata is not None:
+            hooks.append(ATAReference(ata.for_model(num_layers, self.processor.tokenizer), visual))
+            kwargs["stopping_criteria"] = _Sampled(hooks[-1], n, max_new_tokens)
         if not hooks:
             out = self.model.generate(**kwargs)
             return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept)
@@ -122,3 +129,18 @@ class DenseLlavaOnevision:
             if isinstance(hook, PrefillReference):
                 traces["visual_kv_share"] = visual_kv_share(hook.death, num_layers)
         return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept, traces=traces)
+
+
+def _Sampled(hook: ATAReference, num_prompt_tokens: int, max_new_tokens: int):
+    """A stopping criterion that never stops: it hands each sampled token to ``hook`` (but the
+    last: no forward reads a decision made after it, as in vLLM)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Sampled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            # HF generate with inputs_embeds: input_ids holds the new tokens only
+            if input_ids.shape[1] < max_new_tokens:
+                hook.sampled(int(input_ids[0, -1]))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    return StoppingCriteriaList([Sampled()])

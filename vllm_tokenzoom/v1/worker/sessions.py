@@ -58,6 +58,8 @@ class RequestSession:
     # (spans, encoder-cache identifiers, the runner's encoder cache) while the token map lacks
     # a video's pre-LLM plan: the encoder runs in the step's forward, after the session is made
     plans: tuple | None = None
+    # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
+    sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
@@ -115,7 +117,9 @@ class RequestSession:
                             out.append((name, list(range(lo, hi))))
         for name, policy in self.decode.items():
             for ask in policy.score_requests():
-                if ask.layer == layer and last >= n and last > self.decided_at.get(name, -1):
+                if ask.layer != layer or last <= self.decided_at.get(name, -1):
+                    continue
+                if last >= n or (ask.queries is Queries.NEXT_TOKEN and last == n - 1):
                     out.append((name, [last]))
         return out
 
@@ -132,11 +136,33 @@ class RequestSession:
                 self._trace(name, lambda: policy.describe(layer, dropped, self.states[name]))
             return
         policy = self.decode[name]
+        if policy.after_sampling:  # summed over its layers; decided once the token is known
+            seen, total = self.sampled_scores.get(name, (position, None))
+            self.sampled_scores[name] = (position, scores if total is None or seen != position else total + scores)
+            return
         value, self.states[name] = policy.step(scores, self.states.get(name))
-        self.view.push(name, policy.first_layer, position, value)
-        self.decided_at[name] = position
-        self._trace(name, lambda: (position, None if value is None or bool((value == 1).all())
-                                   else value.nonzero().flatten().tolist()))
+        self._push(name, position, value)
+
+    def take_sampled(self, output_token_ids) -> None:
+        """Between steps: the after-sampling policies decide from the scores of the forward that
+        sampled the newest token and from that token; in force from the query after it."""
+        for name, (position, scores) in list(self.sampled_scores.items()):
+            i = position + 1 - self.num_prompt_tokens  # the sampled token sits at position + 1
+            if i >= len(output_token_ids) or output_token_ids[i] < 0:
+                continue  # not on the host yet
+            del self.sampled_scores[name]
+            policy = self.decode[name]
+            value, self.states[name] = policy.step(scores, self.states.get(name), int(output_token_ids[i]))
+            self._push(name, position + 1, value)
+
+    def _push(self, name: str, position: int, value: torch.Tensor | None) -> None:
+        policy = self.decode[name]
+        self.view.push(name, policy.first_layer, position, value, policy.permanent)
+        self.decided_at[name] = max(position - policy.after_sampling, self.decided_at.get(name, -1))
+        if tracing() and self.req_id in TRACES:
+            entry = policy.describe(position, value, self.states[name])
+            if entry is not None:
+                TRACES[self.req_id].setdefault(name, []).append(entry)
 
     def finish_prefill(self) -> None:
         """The prompt is computed: the prefill policies' decisions are final (a recompute after
@@ -284,6 +310,8 @@ def begin_step(runner, req_ids: list[str]) -> None:
             if session is not None:
                 SESSIONS[rid] = session
         if session is not None:
+            if session.sampled_scores:
+                session.take_sampled(state.output_token_ids)
             session.settle()
             session.track_blocks(state.block_ids, block_size)
         rows.append(session)
