@@ -24,10 +24,15 @@ def videos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, videos):
+def records(tmp_path_factory):
+    return tmp_path_factory.mktemp("records")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, videos, records):
     args = cpu_serve_args(tiny_model, num_frames=16, media_dir=str(videos[0].parent))
     args[args.index("--max-model-len") + 1] = str(MAX_MODEL_LEN)
-    with vllm_server(args + ["--plugin", "tokenzoom"]) as (url, log):
+    with vllm_server(args + ["--plugin", "tokenzoom"], env={"TOKENZOOM_TRACE_DIR": str(records)}) as (url, log):
         yield url, log
 
 
@@ -94,3 +99,23 @@ def test_plugin_registered_in_every_engine_process(server):
     assert re.search(r"\(APIServer pid=\d+\).*tokenzoom enabled: .*'prune_ratio': 0.7", log)
     for process in ("EngineCore", "VllmWorker"):
         assert re.search(rf"\({process}[-\w]* pid=\d+\).*tokenzoom 0\.1\.0 registered", log), process
+
+
+def test_a_served_request_leaves_a_token_map_record(client, videos, records, tmp_path):
+    """With TOKENZOOM_TRACE_DIR, the worker writes each request's record when it ends; the
+    token-map command renders it."""
+    import json
+    import time
+
+    from vllm_tokenzoom import tokenmap
+
+    reply = ask(client, data_url(videos[1]), max_tokens=6)
+    deadline = time.time() + 30
+    while not list(records.glob(f"{reply.id}*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    (path,) = records.glob(f"{reply.id}*.json")
+    record = json.loads(path.read_text())
+    assert len(record["position"]) == TTM_.num_kept_tokens(16, 196) and list(record["methods"]) == ["dp"]
+    assert len(record["decisions"]["dp"]) == 5  # one selection per decode step
+    tokenmap.main([str(path), "--out", str(tmp_path / "map.png")])
+    assert (tmp_path / "map.png").stat().st_size > 0

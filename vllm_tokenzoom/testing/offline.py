@@ -137,6 +137,10 @@ def _child() -> None:
             outputs += [result(o, time.perf_counter() - t0, alone=False) for o in outs]
     else:
         outputs = [run(req) for req in job["requests"]]
+    if os.environ.get("TOKENZOOM_TRACE_DIR"):
+        from vllm_tokenzoom.tokenmap import write_records
+
+        write_records(llm)
     reports = {h.__name__: h.report() for h in hooks if hasattr(h, "report")}
     extra = {}
     if job["idle_sessions"]:

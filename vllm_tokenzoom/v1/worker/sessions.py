@@ -38,7 +38,13 @@ _TRACE_KEEP = 256
 
 
 def tracing() -> bool:
-    return os.environ.get("TOKENZOOM_TRACE") == "1"
+    return os.environ.get("TOKENZOOM_TRACE") == "1" or bool(os.environ.get("TOKENZOOM_TRACE_DIR"))
+
+
+def trace_dir() -> str | None:
+    """Where each traced request's record goes when it ends (``TOKENZOOM_TRACE_DIR``; the
+    token-map pictures, ``python -m vllm_tokenzoom.tokenmap``, read it)."""
+    return os.environ.get("TOKENZOOM_TRACE_DIR") or None
 
 
 @dataclass(eq=False)
@@ -171,6 +177,16 @@ class RequestSession:
             TRACES[self.req_id]["visual_kv_share"] = self.view.visual_kv_share
         self.prefill_done = True
 
+    def record(self) -> dict:
+        """What a request's visual tokens went through, for the token-map pictures: where each
+        came from (video, frame, cell), its death layer, and every method's decisions."""
+        tm = self.token_map
+        return {"request_id": self.req_id, "num_layers": self.num_layers, "num_prompt_tokens": tm.num_prompt_tokens,
+                "cells": list(tm.cells), "methods": {n: p.settings() for n, p in {**self.prefill, **self.decode}.items()},
+                "first_layers": {n: p.first_layer for n, p in self.decode.items()},
+                "position": tm.positions.tolist(), "video": tm.video.tolist(), "frame": tm.frame.tolist(),
+                "cell": tm.cell.tolist(), "death": self.view.death.tolist(), "decisions": TRACES.get(self.req_id, {})}
+
     def _trace(self, name: str, entry) -> None:
         """Log a decision (``entry()``: built only when tracing; it syncs with the device)."""
         if tracing() and self.req_id in TRACES:
@@ -285,9 +301,37 @@ def new_session(req_id: str, state, config, num_layers: int, encoder_cache: dict
 
 
 def release_gone(requests: dict) -> None:
-    """Drop the sessions (and their key copies) of requests the runner no longer holds."""
+    """Drop the sessions (and their key copies) of requests the runner no longer holds; with
+    ``TOKENZOOM_TRACE_DIR``, write each one's record there first."""
     for gone in [rid for rid in SESSIONS if rid not in requests]:
-        del SESSIONS[gone]
+        write_record(SESSIONS.pop(gone))
+
+
+def write_record(session: RequestSession) -> None:
+    where = trace_dir()
+    if where is None:
+        return
+    import json
+    from pathlib import Path
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() == 0:  # every rank decides the same: one writes
+        path = Path(where) / f"{session.req_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(session.record(), default=_jsonable))
+
+
+def write_live_records(model=None) -> int:
+    """Write the record of every live session (``LLM.apply_model``: offline, the runner releases
+    the last requests of a ``generate`` call only at the engine's next step)."""
+    for session in SESSIONS.values():
+        write_record(session)
+    return len(SESSIONS)
+
+
+def _jsonable(x):
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (tuple, set)) else str(x)
 
 
 def begin_step(runner, req_ids: list[str]) -> None:
@@ -297,7 +341,7 @@ def begin_step(runner, req_ids: list[str]) -> None:
 
     model = runner.get_model()
     config = getattr(model, "tokenzoom", None)
-    if config is None or not config.in_llm:
+    if config is None or not (config.in_llm or trace_dir()):  # traced: a record for pre-LLM methods too
         set_current(None)
         return
     layer_names = model.tokenzoom_layer_names
