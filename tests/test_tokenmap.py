@@ -56,8 +56,9 @@ def test_a_record_that_does_not_place_its_tokens_is_refused():
      "ata": {"first_score_layer": 1, "every": 1, "sentence_end_ids": list(range(4096))}},
 ], ids=["pre-LLM only", "every stage"])
 def test_offline_requests_leave_records_that_render(tiny_model, tmp_path, methods):
-    request = dict(frames=8, seed=5, max_tokens=6)
-    run_offline(tiny_model, [request], {"tokenzoom": {"methods": methods}}, env={"TOKENZOOM_TRACE_DIR": str(tmp_path)})
+    request, config = dict(frames=8, seed=5, max_tokens=6), {"tokenzoom": {"methods": methods}}
+    traced = run_offline(tiny_model, [request], config, env={"TOKENZOOM_TRACE_DIR": str(tmp_path)})
+    assert traced["outputs"][0]["tokens"] == run_offline(tiny_model, [request], config)["outputs"][0]["tokens"]
     (path,) = tmp_path.glob("*.json")
     record = json.loads(path.read_text())
     kept = TTM(prune_ratio=0.7).num_kept_tokens(8, 196)
