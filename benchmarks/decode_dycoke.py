@@ -43,6 +43,9 @@ SETTINGS = {  # name -> (additional_config, plugins loaded, frames)
     "dycoke": ({"tokenzoom": {"preset": "dycoke"}}, True, 16),
     "dycoke without key copy": ({"tokenzoom": {"preset": "dycoke", "methods": {"dp": {"key_copy": False}}}}, True, 16),
     "cascade": ({"tokenzoom": {"preset": "cascade"}}, True, 16),
+    # ZoomVLM's ATA alone, the tokenizer's sentence ends: it reads every visual token; the
+    # cost of scoring the sampling query at its 14 layers (10-23) each step
+    "ata": ({"tokenzoom": {"methods": {"ata": {}}}}, True, 16),
     "oracle for ttm (8 frames)": ({}, False, 8),
     "oracle for dycoke (3 frames)": ({}, False, 3),
     "oracle for cascade": ({}, False, None),  # frames measured: attended_frames("cascade")

@@ -77,20 +77,48 @@ def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server)
     assert ask(client, data_url(videos[1])).usage.prompt_tokens < MAX_MODEL_LEN
 
 
-def test_abort_mid_decode(client, videos, server):
+def released(records, request_id: str, timeout: float = 30.0) -> dict | None:
+    """The record the worker writes when it drops a request's session (TOKENZOOM_TRACE_DIR), or None."""
+    import json
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(records.glob(f"{request_id}*.json"))
+        if found:
+            return json.loads(found[0].read_text())
+        time.sleep(0.2)
+    return None
+
+
+def kv_usage(server) -> list[float]:
+    with urllib.request.urlopen(server[0] + "/metrics") as r:
+        metrics = r.read().decode()
+    return [float(v) for v in re.findall(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", metrics, re.M)]
+
+
+def test_abort_mid_decode(client, videos, server, records):
+    """The client goes away mid-decode: vLLM aborts the request, tokenzoom drops its session
+    (its record is written then, with the decode steps it ran), the next request is served."""
     stream = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0.0, max_tokens=200,
                                             messages=video_message(data_url(videos[2]), QUESTION), stream=True)
-    for i, _chunk in enumerate(stream):
+    for i, chunk in enumerate(stream):
         if i == 3:
             break
     stream.close()  # the client goes away: vLLM aborts the request
+    record = released(records, chunk.id)
+    assert record is not None, "the aborted request's session was never dropped"
+    assert 2 <= len(record["decisions"]["dp"]) < 199  # it stopped mid-decode
     assert ask(client, data_url(videos[2])).usage.completion_tokens == 8
 
 
-def test_no_kv_blocks_held_after_requests(client, server):
-    with urllib.request.urlopen(server[0] + "/metrics") as r:
-        metrics = r.read().decode()
-    usage = [float(v) for v in re.findall(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", metrics, re.M)]
+def test_no_kv_blocks_or_sessions_held_after_requests(client, videos, server, records):
+    """After requests (this test sends its own, so it cannot pass vacuously): vLLM's KV usage
+    is 0 and every request's session was dropped (its record written)."""
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(lambda v: ask(client, data_url(v)), videos))
+    assert all(released(records, r.id) is not None for r in replies)
+    usage = kv_usage(server)
     assert usage and all(u == 0.0 for u in usage)
 
 
@@ -104,17 +132,11 @@ def test_plugin_registered_in_every_engine_process(server):
 def test_a_served_request_leaves_a_token_map_record(client, videos, records, tmp_path):
     """With TOKENZOOM_TRACE_DIR, the worker writes each request's record when it ends; the
     token-map command renders it."""
-    import json
-    import time
-
     from vllm_tokenzoom import tokenmap
 
     reply = ask(client, data_url(videos[1]), max_tokens=6)
-    deadline = time.time() + 30
-    while not list(records.glob(f"{reply.id}*.json")) and time.time() < deadline:
-        time.sleep(0.2)
+    record = released(records, reply.id)
     (path,) = records.glob(f"{reply.id}*.json")
-    record = json.loads(path.read_text())
     assert len(record["position"]) == TTM_.num_kept_tokens(16, 196) and list(record["methods"]) == ["dp"]
     assert len(record["decisions"]["dp"]) == 5  # one selection per decode step
     tokenmap.main([str(path), "--out", str(tmp_path / "map.png")])
