@@ -105,10 +105,11 @@ BASELINE_AT = ("ttm K=0.3", "ttm K=0.7", "ttm K=0.9", f"fastv K={FASTV_LAYER} R=
                "vas r=0.3 interval=4 (default)", "vas r=0.5 interval=3", "cascade (ttm K=0.7, vas, dp L=3 P=0.7)")
 
 
-def baselines(rows: list[dict], quick: bool) -> list[tuple[str, str, dict]]:
+def baselines(rows: list[dict], quick: bool, families: str = "") -> list[tuple[str, str, dict]]:
     """Random drop, frame sampling and spatial pooling at the layer-averaged shares the methods
-    measured (``BASELINE_AT``, those that ran) and at 15%."""
-    at = [r["visual_kv_share"] for r in rows if r["setting"] in BASELINE_AT]
+    measured (``BASELINE_AT``, those that ran; of ``families`` only, where given) and at 15%."""
+    at = [r["visual_kv_share"] for r in rows if r["setting"] in BASELINE_AT
+          and (not families or r["method"] in families.split(","))]
     budgets = sorted({round(b, 2) for b in at} | {0.15}, reverse=True)
     if quick:
         budgets = budgets[:2] + [0.15]
@@ -162,6 +163,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
     ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
     ap.add_argument("--budgets", default="", help="comma-separated baseline budgets to run (default: all of them)")
+    ap.add_argument("--baselines-for", default="",
+                    help="comma-separated method families whose measured shares the baselines run at (default: all)")
     ap.add_argument("--quick", action="store_true",
                     help="40 clips; TTM K=0.7, FastV R=0.75, DyCoke, baselines at their shares and 15%%")
     args = ap.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv=None) -> None:
 
     for setting in tqdm(chosen, desc="methods", unit="setting"):
         run(*setting)
-    more = baselines(rows, args.quick)
+    more = baselines(rows, args.quick, args.baselines_for)
     if args.only:
         more = [s for s in more if s[1] in args.only.split(",")]
     if args.budgets:
