@@ -57,7 +57,8 @@ def main(argv=None) -> None:
         result = run_offline(args.model, [request], {"tokenzoom": config}, env={"TOKENZOOM_TRACE_DIR": str(where)})
         (path,) = where.glob("*.json")
         record = json.loads(path.read_text())
-        record["request_id"] = f"{name}, clip {seed}: {question.text!r} -> {result['outputs'][0]['text'].strip()!r}"
+        record["request_id"] = (f"{name}, clip {seed}: {question.text!r} -> "
+                               f"{result['outputs'][0]['text'].strip()!r} (truth: {question.answer!r})")
         print(tokenmap.render(record, OUT / f"{name}.png"), flush=True)
         shutil.rmtree(where)
 

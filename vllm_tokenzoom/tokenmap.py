@@ -130,13 +130,13 @@ def decode_colors(state: VideoState) -> np.ndarray:
 
 
 def mosaic(colors: np.ndarray, per_row: int = 8) -> np.ndarray:
-    """[T, C, 3] -> one image of the T frames' g x g grids (g = sqrt(C)), ``per_row`` a row, 1 px apart."""
+    """[T, C, 3] -> one image of the T frames' g x g grids (g = sqrt(C)), ``per_row`` a row, 1 dark px apart."""
     frames, cells, _ = colors.shape
     g = math.isqrt(cells)
     if g * g != cells:
         raise ValueError(f"{cells} cells per frame is not a square grid")
     rows = math.ceil(frames / per_row)
-    image = np.ones((rows * (g + 1) - 1, min(frames, per_row) * (g + 1) - 1, 3))
+    image = np.full((rows * (g + 1) - 1, min(frames, per_row) * (g + 1) - 1, 3), 0.35)  # dark lines between frames
     for t in range(frames):
         r, c = divmod(t, per_row)
         image[r * (g + 1):r * (g + 1) + g, c * (g + 1):c * (g + 1) + g] = colors[t].reshape(g, g, 3)
