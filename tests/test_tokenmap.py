@@ -12,7 +12,6 @@ from vllm_tokenzoom.testing.offline import run_offline
 # one video of 3 frames of 2 x 2 cells; 7 tokens reached the LLM (frame 1 kept one, frame 2 two)
 RECORD = {
     "request_id": "r", "num_layers": 4, "num_prompt_tokens": 20, "cells": [4], "methods": {"dp": {}, "ata": {}},
-    "first_layers": {"dp": 2, "ata": 0},
     "position": [3, 4, 5, 6, 7, 8, 9], "video": [0] * 7,
     "frame": [0, 0, 0, 0, 1, 2, 2], "cell": [0, 1, 2, 3, 1, 0, 3],
     "death": [3, 3, 1, 3, 0, 3, 3],  # token 2 left after layer 1, token 4 after layer 0

@@ -16,6 +16,8 @@ Index space: ``scores`` and the multiplicity are over *visual indices*.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -103,7 +105,7 @@ class ATA(DecodePolicy):
         ends = self.sentence_end_ids
         if ends is None and tokenizer is not None:
             ends = sentence_end_ids(tokenizer)
-        return ATA(self.first_score_layer, last, self.every, self.copies, self.drops, ends)
+        return dataclasses.replace(self, last_score_layer=last, sentence_end_ids=ends)
 
     def needs_tokenizer(self) -> bool:
         return self.sentence_end_ids is None
@@ -138,13 +140,9 @@ class ATA(DecodePolicy):
         value = counts.float()
         return value, ATAState(counts, value, sentences, (copied, deleted))
 
-    @property
+    @functools.cached_property
     def _ends(self) -> frozenset[int]:
-        cached = self.__dict__.get("_ends_set")
-        if cached is None:
-            cached = frozenset(self.sentence_end_ids or ())
-            object.__setattr__(self, "_ends_set", cached)
-        return cached
+        return frozenset(self.sentence_end_ids or ())
 
     def describe(self, position: int, value, state: ATAState):
         """An adjustment in force from ``position``: (position, visual indices copied, deleted);

@@ -17,7 +17,7 @@ from vllm_tokenzoom.methods.ata import ATA
 
 class ATAReference:
     """``trace``: per adjustment, (the first query position reading it, visual indices copied,
-    deleted); ``counts``: each visual token's final multiplicity."""
+    deleted)."""
 
     name = "ata"
 
@@ -26,10 +26,6 @@ class ATAReference:
         self.layers = set(ata.score_layers)
         self.state, self.value, self.scores = None, None, None
         self.trace: list[tuple] = []
-
-    @property
-    def counts(self) -> torch.Tensor:
-        return torch.ones(self.visual.numel(), dtype=torch.int32) if self.state is None else self.state.counts
 
     def hidden(self, layer, query_positions, kv_len):
         if self.value is None:

@@ -118,7 +118,7 @@ class DenseLlavaOnevision:
         hooks += [DPReference(dp, visual, n)] if dp is not None else []
         if ata is not None:
             hooks.append(ATAReference(ata.for_model(num_layers, self.processor.tokenizer), visual))
-            kwargs["stopping_criteria"] = _Sampled(hooks[-1], n, max_new_tokens)
+            kwargs["stopping_criteria"] = _hand_sampled_tokens(hooks[-1], max_new_tokens)
         if not hooks:
             out = self.model.generate(**kwargs)
             return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept)
@@ -131,7 +131,7 @@ class DenseLlavaOnevision:
         return ReferenceOutput(tokens=out[0].tolist(), num_prompt_tokens=n, kept=kept, traces=traces)
 
 
-def _Sampled(hook: ATAReference, num_prompt_tokens: int, max_new_tokens: int):
+def _hand_sampled_tokens(hook: ATAReference, max_new_tokens: int):
     """A stopping criterion that never stops: it hands each sampled token to ``hook`` (but the
     last: no forward reads a decision made after it, as in vLLM)."""
     from transformers import StoppingCriteria, StoppingCriteriaList

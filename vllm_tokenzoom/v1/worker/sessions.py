@@ -165,10 +165,7 @@ class RequestSession:
         policy = self.decode[name]
         self.view.push(name, policy.first_layer, position, value, policy.permanent)
         self.decided_at[name] = max(position - policy.after_sampling, self.decided_at.get(name, -1))
-        if tracing() and self.req_id in TRACES:
-            entry = policy.describe(position, value, self.states[name])
-            if entry is not None:
-                TRACES[self.req_id].setdefault(name, []).append(entry)
+        self._trace(name, lambda: policy.describe(position, value, self.states[name]))
 
     def finish_prefill(self) -> None:
         """The prompt is computed: the prefill policies' decisions are final (a recompute after
@@ -183,14 +180,16 @@ class RequestSession:
         tm = self.token_map
         return {"request_id": self.req_id, "num_layers": self.num_layers, "num_prompt_tokens": tm.num_prompt_tokens,
                 "cells": list(tm.cells), "methods": {n: p.settings() for n, p in {**self.prefill, **self.decode}.items()},
-                "first_layers": {n: p.first_layer for n, p in self.decode.items()},
                 "position": tm.positions.tolist(), "video": tm.video.tolist(), "frame": tm.frame.tolist(),
                 "cell": tm.cell.tolist(), "death": self.view.death.tolist(), "decisions": TRACES.get(self.req_id, {})}
 
     def _trace(self, name: str, entry) -> None:
-        """Log a decision (``entry()``: built only when tracing; it syncs with the device)."""
+        """Log a decision (``entry()``: built only when tracing, as it syncs with the device;
+        None: nothing to log)."""
         if tracing() and self.req_id in TRACES:
-            TRACES[self.req_id].setdefault(name, []).append(entry())
+            logged = entry()
+            if logged is not None:
+                TRACES[self.req_id].setdefault(name, []).append(logged)
 
     # -- what the attention reads --------------------------------------------------------------
     def multiplicity(self, layer: int, position: int, segment: Segment) -> torch.Tensor | None:
