@@ -127,7 +127,7 @@ def run_setting(model: str, name: str, config: dict | None, questions, tokenizer
                 num_layers: int) -> dict:
     from vllm_tokenzoom.testing.video import chat_prompt
 
-    requests = [dict(videoqa_clip=clip.seed, question=q.text, max_tokens=6, stop_at_eos=True)
+    requests = [dict(videoqa_clip=clip.seed, question=q.text, max_tokens=videoqa.answer_tokens(q.kind), stop_at_eos=True)
                 for clip, q in questions]
     parsed = parse_config({"tokenzoom": config}) if config is not None else None
     traced = parsed is not None and bool(parsed.stage(Stage.PREFILL))  # a data-dependent share (VAS)
@@ -160,6 +160,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="checkpoints/videoqa-tiny")
     ap.add_argument("--clips", type=int, default=200, help="test clips (about 5.7 questions each)")
+    ap.add_argument("--kinds", default="", help="comma-separated question kinds to ask (default: those the "
+                                               f"checkpoint was trained on; all: {','.join(videoqa.KINDS)})")
     ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
     ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
     ap.add_argument("--budgets", default="", help="comma-separated baseline budgets to run (default: all of them)")
@@ -175,13 +177,15 @@ def main(argv=None) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     num_layers = AutoConfig.from_pretrained(args.model).text_config.num_hidden_layers
+    args.kinds = args.kinds or ",".join(videoqa.trained_kinds(args.model))
     clips = [videoqa.make_clip(s, render=False) for s in videoqa.split_seeds("test", args.clips)]
-    questions = [(c, q) for c in clips for q in videoqa.questions(c)]
+    questions = [(c, q) for c in clips for q in videoqa.questions(c) if q.kind in args.kinds.split(",")]
     chosen = settings(args.quick, num_layers)
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
-                torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", clips=args.clips, questions=len(questions))
+                torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", kinds=args.kinds, clips=args.clips,
+                questions=len(questions))
     rows = []
 
     def run(name, family, config):
@@ -210,10 +214,12 @@ def main(argv=None) -> None:
 
 def save(rows) -> None:
     RESULTS.mkdir(exist_ok=True)
-    append_csv(RESULTS / "accuracy.csv", {}, rows, defaults={"task": "videoqa v1"})  # rows before the task column
+    # rows from before the task / kinds columns: task v1, its six kinds
+    append_csv(RESULTS / "accuracy.csv", {}, rows,
+               defaults={"task": "videoqa v1", "kinds": "count,first,last,presence,order,side"})
     m = rows[0]
     lines = [f"Accuracy on the video-QA test split ({m['clips']} clips, {m['questions']} questions, exact match), "
-             f"{m['model']} ({m['task']}), vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
+             f"{m['model']} ({m['task']}; kinds {m['kinds']}), vLLM {m['vllm']}, {m['machine']}, {m['date']}:", "",
              "| setting | visual tokens kept (prefill) | layer-averaged visual KV share | attended (decode) | accuracy |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['visual_kv_share']:.1%} | {r['decode_attended']:.1%} | "

@@ -153,6 +153,7 @@ def training_questions(clip: videoqa.Clip) -> list[videoqa.Question]:
     qs += [videoqa.Question("side", f"Where is the {f.colour} flash?", f.side) for f in clip.flashes]
     qs += [videoqa.Question("order", f"Is the {a} flash before the {b} flash?", "yes" if i < j else "no")
            for i, a in enumerate(colours) for j, b in enumerate(colours) if i != j]
+    qs += [q for q in videoqa.questions(clip) if q.kind == "describe"]
     return qs
 
 
@@ -190,7 +191,7 @@ def qa_loss(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Ques
 
 
 @torch.inference_mode()
-def answer(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Question], max_tokens: int = 4):
+def answer(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Question]):
     """Greedy answers (text) to each question, the clip's prefix computed once."""
     cache, plen = prefix_forward(model, prompts, embeds)
     replies = []
@@ -198,7 +199,7 @@ def answer(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Quest
         own = expand_cache(cache, 1)  # the question's own cache over the shared prefix
         ids, out = prompts.split(q.text)[1], []
         pos = plen
-        for _ in range(max_tokens):
+        for _ in range(videoqa.answer_tokens(q.kind)):
             x = torch.tensor([ids])
             h = model.model.language_model(input_ids=x, past_key_values=own,
                                            position_ids=torch.arange(pos, pos + len(ids))[None]).last_hidden_state

@@ -48,6 +48,11 @@ def test_answers_follow_from_the_flashes():
                 assert q.answer == colours[0 if q.kind == "first" else -1]
             elif q.kind == "presence":
                 assert (q.answer == "yes") == (q.text.split()[3] in colours)
+            elif q.kind == "describe":  # two sentences per flash, in time order
+                sentences = q.answer.split(". ")
+                assert len(sentences) == 2 * len(colours) and q.answer.endswith(".")
+                assert [x.split()[1] for x in sentences[::2]] == colours
+                assert [x.split()[-1].rstrip(".") for x in sentences[1::2]] == [f.side for f in clip.flashes]
             elif q.kind == "order":
                 a, b = q.text.split()[2], q.text.split()[6]
                 assert (q.answer == "yes") == (colours.index(a) < colours.index(b))
@@ -61,7 +66,9 @@ def test_trained_model_answers_in_vllm_as_in_hf_transformers():
     from vllm_tokenzoom.testing.offline import run_offline
     from vllm_tokenzoom.testing.video import chat_prompt
 
-    cases = [(c, q) for c in map(videoqa.make_clip, videoqa.split_seeds("test", 5)) for q in videoqa.questions(c)]
+    trained = videoqa.trained_kinds(CHECKPOINT)  # the kinds it learnt
+    cases = [(c, q) for c in map(videoqa.make_clip, videoqa.split_seeds("test", 5))
+             for q in videoqa.questions(c) if q.kind in trained]
     requests = [dict(videoqa_clip=c.seed, question=q.text, max_tokens=3) for c, q in cases]
     # a 32-frame video is 6,273 tokens: more than vLLM's default encoder cache (4,096) holds.
     # tokenzoom installed, not enabled (= vanilla, tested elsewhere): vanilla vLLM 0.32 itself

@@ -12,7 +12,10 @@ tokens per frame, as the real model):
 
 Questions (``questions(clip)``) need the flashes' frames and regions: how many there are,
 the colour of the first / last one, whether a colour appears, the order of two of them,
-and on which side one was. Answers are one short word, so accuracy is exact match.
+and on which side one was -- one short word each -- and, for methods that act between
+sentences (ZoomVLM's ATA adjusts every few sentence ends), a description of every flash in
+order, two short sentences per flash ("the red one. it is on the left.": lower case, words
+the task's tokenizer knows), 2-8 sentences. Accuracy is exact match of the whole answer.
 
 Splits come from disjoint seed ranges (``split_seeds``). Everything is a pure function of
 the seed: the same seed gives the same pixels, questions and answers on every machine.
@@ -31,7 +34,8 @@ COLOURS = {  # flash colour name -> RGB (saturated, bright: unlike the muted bac
     "yellow": (240, 230, 30), "white": (250, 250, 250), "purple": (170, 40, 220),
 }
 NUMBERS = ["zero", "one", "two", "three", "four"]
-KINDS = ("count", "first", "last", "presence", "order", "side")
+KINDS = ("count", "first", "last", "presence", "order", "side", "describe")
+ANSWER_TOKENS = {"describe": 48}  # generation budget per kind (4 flashes: 40 tokens + end); others: 6
 VERSION = 2  # bumped whenever the pixels a seed gives change (feature caches are keyed by it)
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seed ranges
 
@@ -66,6 +70,28 @@ class Question:
     kind: str  # one of KINDS
     text: str
     answer: str
+
+
+def answer_tokens(kind: str) -> int:
+    """Tokens to generate for an answer of this kind (the answer and its end of turn fit)."""
+    return ANSWER_TOKENS.get(kind, 6)
+
+
+def describe(flashes) -> str:
+    """The ``describe`` answer: two sentences per flash, in time order."""
+    return " ".join(f"the {f.colour} one. it is on the {f.side}." for f in flashes)
+
+
+def trained_kinds(checkpoint) -> tuple[str, ...]:
+    """The kinds a trained checkpoint was evaluated on (its ``train_metrics.json``): checkpoints
+    trained before a kind was added do not know it. All kinds when the file is missing."""
+    import json
+    from pathlib import Path
+
+    path = Path(checkpoint) / "train_metrics.json"
+    if not path.exists():
+        return KINDS
+    return tuple(json.loads(path.read_text())["test_full"]["per_kind"])
 
 
 def split_seeds(split: str, count: int) -> list[int]:
@@ -146,4 +172,5 @@ def questions(clip: Clip, variant: int = 0) -> list[Question]:
         a, b = rng.choice(len(flashes), size=2, replace=False)
         out.append(Question("order", f"Is the {shown[a]} flash before the {shown[b]} flash?",
                             "yes" if a < b else "no"))
+    out.append(Question("describe", "Describe every flash in order.", describe(flashes)))
     return out
