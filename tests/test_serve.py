@@ -1,5 +1,6 @@
 """The served path: `vllm serve DIR --plugin tokenzoom` (DyCoke: TTM + dynamic pruning), the
 official `openai` client, video files and data URLs, concurrency, aborts and bad requests."""
+import json
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +42,13 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="EMPTY")
 
 
-def ask(client, url, max_tokens=8, question=QUESTION):
+def ask(client, url, max_tokens=8, question=QUESTION, setting=None, **extra):
+    """``setting``: the request's own tokenzoom config (sent as JSON in ``vllm_xargs``)."""
+    if setting is not None:
+        extra["vllm_xargs"] = {"tokenzoom": setting if isinstance(setting, str) else json.dumps(setting)}
     return client.chat.completions.create(model=client.models.list().data[0].id, temperature=0.0,
                                           max_tokens=max_tokens, messages=video_message(url, question),
-                                          extra_body={"return_token_ids": True})
+                                          extra_body={"return_token_ids": True, **extra})
 
 
 def token_ids(reply) -> list[int]:
@@ -75,6 +79,35 @@ def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server)
     with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
         ask(client, data_url(videos[1]), question=" red" * 600)  # video + text over the limit
     assert ask(client, data_url(videos[1])).usage.prompt_tokens < MAX_MODEL_LEN
+
+
+def test_a_request_chooses_its_own_compression(client, videos, dense, prompt):
+    """vllm_xargs {"tokenzoom": "<JSON>"}: TTM at K=0.5 for this request only (its own setting
+    replaces the server's dycoke), the next plain request the server's default."""
+    ttm = TTM(prune_ratio=0.5)
+    text_tokens = len(dense.processor.tokenizer(prompt).input_ids) - 1
+    reply = ask(client, data_url(videos[2]), setting={"methods": {"ttm": {"prune_ratio": 0.5}}})
+    ref = dense.generate(read_video(videos[2]), prompt, ttm, max_new_tokens=8)
+    assert reply.usage.prompt_tokens == ref.num_prompt_tokens == text_tokens + ttm.num_kept_tokens(16, 196) + 1
+    assert token_ids(reply) == ref.tokens
+    plain = ask(client, data_url(videos[2]))  # the same video: no cache may hand it the K=0.5 placeholders
+    assert plain.usage.prompt_tokens == text_tokens + TTM_.num_kept_tokens(16, 196) + 1
+    assert token_ids(plain) == dense.generate(read_video(videos[2]), prompt, TTM_, 8, dp=DP_).tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_per_request_setting_is_a_400_naming_it(client, videos, stream):
+    url = data_url(videos[1])
+    with pytest.raises(openai.BadRequestError, match=r"prune_ratio = 1\.5 is out of range"):
+        ask(client, url, setting={"methods": {"ttm": {"prune_ratio": 1.5}}}, stream=stream)
+    with pytest.raises(openai.BadRequestError, match="not valid JSON"):
+        ask(client, url, setting='{"methods": ', stream=stream)
+    # fastv prefills each prompt in one step; this server (dycoke) runs chunked prefill
+    with pytest.raises(openai.BadRequestError, match="'fastv' need each prompt prefilled in one step"):
+        ask(client, url, setting={"preset": "fastv"}, stream=stream)
+    with pytest.raises(openai.BadRequestError, match="vllm_xargs.tokenzoom"):
+        ask(client, url, mm_processor_kwargs={"tokenzoom": '{"preset": "ttm"}'}, stream=stream)
+    assert ask(client, url).usage.prompt_tokens < MAX_MODEL_LEN  # and the server lives on
 
 
 def released(records, request_id: str, timeout: float = 30.0) -> dict | None:

@@ -6,6 +6,7 @@ Schema (README "Configuration")::
     {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.7, "variant": "paper"}}}}
     {"tokenzoom": {"preset": "ttm", "methods": {"ttm": {"prune_ratio": 0.5}}}}  # preset, then overrides
     {"tokenzoom": {}}                                                           # the default preset
+    {"tokenzoom": {"preset": "ttm", "per_request": ["ttm", "fastv"]}}           # what a request may choose
 
 Each method's settings are the fields of its policy dataclass (``vllm_tokenzoom/methods``).
 Unknown keys, wrong types, out-of-range values, planned-but-unimplemented methods and
@@ -37,7 +38,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 # what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean: DyCoke with the paper's settings
 DEFAULT_PRESET = "dycoke"
-_TOP_KEYS = ("preset", "methods")
+_TOP_KEYS = ("preset", "methods", "per_request")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class TokenZoomConfig:
 
     methods: Mapping[str, Policy] = field(default_factory=dict)
     preset: str | None = None
+    # what a request may choose for itself (``requests.py``): True any method, False none,
+    # or a tuple of the method names it may use
+    per_request: bool | tuple[str, ...] = True
 
     def __getattr__(self, name: str):
         """``config.ttm``, ``config.dp``, ...: the policy of a registered method, or None."""
@@ -68,10 +72,17 @@ class TokenZoomConfig:
         return {**self.stage(Stage.PREFILL), **self.stage(Stage.DECODE)}
 
     @property
+    def _served(self) -> dict[str, Any]:
+        """The enabled policies, and the classes of the methods ``per_request`` lists: an engine
+        is fitted (``engine.py``) for what its requests may ask for too."""
+        listed = self.per_request if isinstance(self.per_request, tuple) else ()
+        return {**{m: REGISTRY[m] for m in listed}, **self.methods}
+
+    @property
     def requirements(self) -> Requirements:
-        """The union of the enabled policies' engine requirements."""
+        """The union of the engine requirements of the enabled policies (and of ``per_request``'s)."""
         out = Requirements()
-        for policy in self.methods.values():
+        for policy in self._served.values():
             out = out | policy.requirements
         return out
 
@@ -81,8 +92,8 @@ class TokenZoomConfig:
         return any(p.needs_tokenizer() for p in self.methods.values())
 
     def needing(self, requirement: str) -> list[str]:
-        """Names of the enabled methods whose requirements set ``requirement``."""
-        return [name for name, p in self.methods.items() if getattr(p.requirements, requirement)]
+        """Names of the enabled (and ``per_request``-listed) methods whose requirements set ``requirement``."""
+        return [name for name, p in self._served.items() if getattr(p.requirements, requirement)]
 
     def for_model(self, num_layers: int, tokenizer=None) -> "TokenZoomConfig":
         """Every policy checked against a model of ``num_layers`` decoder layers, its
@@ -97,7 +108,10 @@ class TokenZoomConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form, which parses back to an equal config."""
-        return {"methods": {name: _jsonable(dataclasses.asdict(p)) for name, p in self.methods.items()}}
+        out: dict[str, Any] = {"methods": {name: _jsonable(dataclasses.asdict(p)) for name, p in self.methods.items()}}
+        if self.per_request is not True:
+            out["per_request"] = self.per_request if isinstance(self.per_request, bool) else list(self.per_request)
+        return out
 
 
 def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig | None:
@@ -136,7 +150,19 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
         if len(same) > 1:
             raise TokenZoomConfigError(f"{where}.methods: {_fmt(same)} both act {stage.value}; "
                                        f"allowed: at most one of {_fmt(of_stage(stage))}")
-    return TokenZoomConfig(methods=types.MappingProxyType(methods), preset=preset)
+    per_request = _per_request(raw.get("per_request", True), f"{where}.per_request")
+    return TokenZoomConfig(methods=types.MappingProxyType(methods), preset=preset, per_request=per_request)
+
+
+def _per_request(value: Any, where: str) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TokenZoomConfigError(f"{where} = {value!r} has the wrong type; allowed: true (any method), false "
+                                   f"(none), or a list of method names ({_fmt(REGISTRY)})")
+    for name in value:
+        _check_method_name(name, where)
+    return tuple(value)
 
 
 def _ready_presets() -> list[str]:

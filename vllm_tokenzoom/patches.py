@@ -8,6 +8,7 @@ not run-time: ``install/cpu_env.py``.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,6 +27,7 @@ def apply_all() -> None:
     _register_attention_backend()
     _patch_model_runner()
     _patch_scheduler_cls()
+    _patch_request_entry()
 
 
 def apply_version_guard_only() -> None:
@@ -235,6 +237,10 @@ def _patch_engine_args() -> None:
             raise
         _check_architecture(vllm_config.model_config.architectures)
         check_model(config, vllm_config)
+        from vllm_tokenzoom.requests import ENGINE_ATTR, EngineFacts
+
+        # what a per-request setting is checked against (requests.py), in every process of the engine
+        setattr(vllm_config.model_config.hf_config, ENGINE_ATTR, dataclasses.asdict(EngineFacts.of(vllm_config)))
         logger.info("tokenzoom enabled: %s", config.to_dict())
         return vllm_config
 
@@ -276,3 +282,104 @@ def _check_architecture(architectures) -> None:
             f"supported: {', '.join(SUPPORTED_ARCHS)} (LLaVA-OneVision). Remove the 'tokenzoom' key "
             "from additional_config (or --plugin tokenzoom) to serve this model without tokenzoom."
         )
+
+
+def _patch_request_entry() -> None:
+    """Patches where a request enters: the OpenAI server's ``OnlineRenderer.preprocess_chat`` /
+    ``preprocess_cmpl`` (renderers/online_renderer.py:752, :715) and its module's
+    ``validate_request_mm_kwargs`` (:15); offline ``LLM``'s ``_add_completion_requests`` /
+    ``_add_chat_requests`` (entrypoints/common/offline.py:304, :403).
+
+    Why: a per-request tokenzoom setting (``vllm_xargs`` / ``SamplingParams.extra_args``) must
+    reach the multimodal processor (the placeholder count), which sees only the request's
+    ``mm_processor_kwargs``, and rendering runs before the sampling params exist. How: before
+    rendering, the setting is checked (``requests.request_config``; a bad one is a 400 that
+    touches nothing, also for a streamed request) and its canonical form put in both
+    ``mm_processor_kwargs`` (vLLM hashes it into its cache keys) and ``extra_args``; the
+    server's untrusted-``mm_processor_kwargs`` check skips only that key, and a client's own
+    ``mm_processor_kwargs.tokenzoom`` is refused. Offline, a batch with per-request settings
+    is added one request at a time, each with its own ``mm_processor_kwargs``. Remove when:
+    vLLM hands the sampling params (or a plugin hook) to the multimodal processor.
+    """
+    from vllm.entrypoints.common.offline import OfflineInferenceMixin
+    from vllm.renderers import online_renderer
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    if getattr(OnlineRenderer, _PATCHED, False):
+        return
+    from vllm_tokenzoom.requests import MM_KEY
+
+    orig_validate = online_renderer.validate_request_mm_kwargs
+
+    def validate_request_mm_kwargs(*, mm_processor_kwargs, **kwargs):
+        others = {k: v for k, v in (mm_processor_kwargs or {}).items() if k != MM_KEY}
+        return orig_validate(mm_processor_kwargs=others or None, **kwargs)
+
+    online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
+    for name in ("preprocess_chat", "preprocess_cmpl"):
+        setattr(OnlineRenderer, name, _with_request_setting(getattr(OnlineRenderer, name)))
+    for name in ("_add_completion_requests", "_add_chat_requests"):
+        setattr(OfflineInferenceMixin, name, _one_by_one_with_setting(getattr(OfflineInferenceMixin, name)))
+    setattr(OnlineRenderer, _PATCHED, True)
+
+
+def _with_request_setting(orig):
+    async def preprocess(self, request, *args, **kwargs):
+        from vllm.exceptions import VLLMValidationError
+
+        from vllm_tokenzoom.errors import TokenZoomConfigError
+        from vllm_tokenzoom.requests import MM_KEY, XARG, entered
+
+        mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
+        if MM_KEY in mm:
+            raise VLLMValidationError(f"mm_processor_kwargs.{MM_KEY} is tokenzoom's own; send a per-request "
+                                      f"setting as vllm_xargs.{XARG} (a JSON string)", parameter="mm_processor_kwargs")
+        xargs = getattr(request, "vllm_xargs", None) or {}
+        if XARG in xargs:
+            try:
+                text = entered(xargs[XARG], self.model_config)
+            except TokenZoomConfigError as e:
+                raise VLLMValidationError(f"vllm_xargs.{e}", parameter="vllm_xargs", value=xargs[XARG]) from None
+            xargs[XARG] = text
+            request.mm_processor_kwargs = {**mm, MM_KEY: text}
+        return await orig(self, request, *args, **kwargs)
+
+    return preprocess
+
+
+def _one_by_one_with_setting(orig):
+    def add(self, prompts, params, *args, **kwargs):
+        from vllm.sampling_params import SamplingParams
+
+        from vllm_tokenzoom.requests import MM_KEY, XARG, entered
+
+        many = isinstance(params, (list, tuple))
+        if not any(isinstance(p, SamplingParams) and XARG in (p.extra_args or {})
+                   for p in (params if many else [params])):
+            return orig(self, prompts, params, *args, **kwargs)
+        seq = list(prompts) if _is_batch(prompts, orig.__name__) else [prompts]
+        per = list(params) if many else [params] * len(seq)
+        lora, priority = kwargs.pop("lora_request", None), kwargs.pop("priority", None)
+        common = kwargs.pop("mm_processor_kwargs", None) or {}
+        kwargs["use_tqdm"] = False
+        ids = []
+        for i, (prompt, p) in enumerate(zip(seq, per)):
+            mm = dict(common)
+            if isinstance(p, SamplingParams) and XARG in (p.extra_args or {}):
+                text = entered(p.extra_args[XARG], self.model_config)
+                p = p.clone()
+                p.extra_args = {**p.extra_args, XARG: text}
+                mm[MM_KEY] = text
+            ids += orig(self, [prompt], [p], *args, mm_processor_kwargs=mm or None,
+                        lora_request=lora[i] if isinstance(lora, (list, tuple)) else lora,
+                        priority=priority[i] if isinstance(priority, (list, tuple)) else priority, **kwargs)
+        return ids
+
+    return add
+
+
+def _is_batch(prompts, name: str) -> bool:
+    """A sequence of prompts (completions) or of conversations (chat), not a single one."""
+    if name == "_add_chat_requests":  # one conversation is a list of message dicts
+        return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (list, tuple))
+    return isinstance(prompts, (list, tuple)) and not (prompts and isinstance(prompts[0], int))

@@ -1,9 +1,12 @@
 """LLaVA-OneVision with tokenzoom's stages (the EVS pattern of vLLM 0.32 before the LLM, the
 decoder-loop hook inside it).
 
-- Processor side: :class:`TokenZoomProcessingInfo` reports the reduced placeholder count,
-  a function of frame count and settings only (``PreLLMPolicy.num_kept_tokens``), so the
+- Processor side: :class:`TokenZoomProcessor` gives each video the reduced placeholder count,
+  a function of frame count and settings only (``PreLLMPolicy.num_kept_tokens``) -- the
+  request's own settings where it sent some (``requests.py``), else the engine's -- so the
   prompt has exactly as many video placeholders as the model will produce embeddings.
+  Outside a request (vLLM sizing its encoder cache and profiling) a video counts as many
+  tokens as in vanilla vLLM: tokenzoom never lets a request carry less than vanilla's.
 - Encoder: the stock vision tower, projector and pooling, then the pre-LLM policy (TTM or a
   baseline). Each video's embeddings carry what was kept (``tokenzoom_kept``: frames and
   cells), which the worker's request session reads from vLLM's encoder cache into its token
@@ -17,7 +20,9 @@ With tokenzoom off (no ``tokenzoom`` attribute on the HF config) both are the st
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
+from collections.abc import Mapping
 
 import torch
 from vllm.model_executor.models.llava_onevision import (
@@ -28,6 +33,7 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from vllm_tokenzoom import requests
 from vllm_tokenzoom.config import parse_config
 from vllm_tokenzoom.methods.base import KeptTokens
 from vllm_tokenzoom.models.decoder_loop import forward_dropping_rows
@@ -52,19 +58,68 @@ def _tokenizer(model_config):
 
 
 class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
-    def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
-        config = config_of(self.get_hf_config())
+    def num_video_tokens(self, config, *, image_width: int, image_height: int, num_frames: int) -> int:
+        """A video's placeholder count under ``config`` (None: tokenzoom off) -- its pre-LLM policy."""
         policy = None if config is None else config.pre_llm
         if policy is None:
-            return super().get_num_video_tokens(
-                image_width=image_width, image_height=image_height, num_frames=num_frames
-            )
+            return self.get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames)
         per_frame = self._get_num_frame_tokens(image_width=image_width, image_height=image_height)
         return policy.num_kept_tokens(num_frames, per_frame) + 1  # + the video's one newline token
 
+    def request_config(self, hf_processor_mm_kwargs: Mapping[str, object]):
+        """The config a request runs with: its own (canonical, checked where it entered), or the engine's."""
+        text = hf_processor_mm_kwargs.get(requests.MM_KEY)
+        hf_config = self.get_hf_config()
+        if text is None:
+            return config_of(hf_config)
+        return requests.parsed(str(text), hf_config.get_text_config().num_hidden_layers)
+
+
+class TokenZoomProcessor(LlavaOnevisionMultiModalProcessor):
+    """The stock processor, with each video's placeholder count from the request's pre-LLM policy
+    and the request's setting handed to the model per video (``requests.PRE_LLM_FIELD``)."""
+
+    def _get_hf_mm_inputs(self, mm_items, hf_kwargs):
+        # tokenzoom's key never reaches the HF processor (nor its processor cache)
+        return super()._get_hf_mm_inputs(mm_items, {k: v for k, v in hf_kwargs.items() if k != requests.MM_KEY})
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        text = hf_kwargs.get(requests.MM_KEY)
+        videos = mm_items.get_all_counts().get("video", 0)
+        if text is not None and videos:
+            code = torch.tensor(list(str(text).encode()), dtype=torch.uint8)  # [L] the canonical JSON
+            out[requests.PRE_LLM_FIELD] = code[None].expand(videos, -1).clone()  # [videos, L]
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        return {**super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+                requests.PRE_LLM_FIELD: MultiModalFieldConfig.batched("video", keep_on_cpu=True)}
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
+
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        config = self.info.request_config(hf_processor_mm_kwargs)
+
+        def video_replacement(item_idx: int):
+            videos = mm_items.get_items("video", (VideoEmbeddingItems, VideoProcessorItems))
+            if isinstance(videos, VideoEmbeddingItems):
+                count = videos.get_feature_size(item_idx)
+            else:
+                size = videos.get_frame_size(item_idx)
+                count = self.info.num_video_tokens(config, image_width=size.width, image_height=size.height,
+                                                   num_frames=videos.get_num_frames(item_idx))
+            return [self.info.get_hf_config().video_token_index] * count
+
+        return [dataclasses.replace(u, replacement=video_replacement) if u.modality == "video" else u
+                for u in updates]
+
 
 @MULTIMODAL_REGISTRY.register_processor(
-    LlavaOnevisionMultiModalProcessor,
+    TokenZoomProcessor,
     info=TokenZoomProcessingInfo,
     dummy_inputs=LlavaOnevisionDummyInputsBuilder,
 )
@@ -74,11 +129,24 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         self.tokenzoom = config_of(vllm_config.model_config.hf_config)
         if self.tokenzoom is not None and self.tokenzoom.needs_tokenizer:
             self.tokenzoom = config_of(vllm_config.model_config.hf_config, _tokenizer(vllm_config.model_config))
-        self.tokenzoom_pre_llm = None if self.tokenzoom is None else self.tokenzoom.pre_llm
+        self.tokenzoom_model_config = vllm_config.model_config
         # what the pre-LLM stage kept of the most recent videos (tests and debugging: `LLM.apply_model`)
         self.tokenzoom_trace: deque[KeptTokens] = deque(maxlen=64)
         lm = self.language_model.model
         self.tokenzoom_layer_names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer:lm.end_layer]]
+
+    def tokenzoom_for(self, text: str | None):
+        """The config a request runs with: its own (``requests.canonical``), or the engine's."""
+        if text is None or self.tokenzoom is None:
+            return self.tokenzoom
+        layers = self.config.get_text_config().num_hidden_layers
+        config = requests.parsed(text, layers)
+        return requests.parsed(text, layers, _tokenizer(self.tokenzoom_model_config)) if config.needs_tokenizer else config
+
+    def embed_multimodal(self, **kwargs):
+        codes = kwargs.pop(requests.PRE_LLM_FIELD, None)  # per video: the request's own setting, if any
+        self.tokenzoom_videos = None if codes is None else [bytes(c.tolist()).decode() for c in codes]
+        return super().embed_multimodal(**kwargs)
 
     def _process_video_pixels(self, inputs):
         videos = super()._process_video_pixels(inputs)
@@ -91,15 +159,17 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
             return videos
         pixels = inputs["pixel_values_videos"]
         frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
-        return [self._apply_pre_llm(video, num_frames) for video, num_frames in zip(videos, frames)]
+        own = getattr(self, "tokenzoom_videos", None) or [None] * len(videos)
+        policies = [self.tokenzoom_for(text).pre_llm for text in own]
+        return [self._apply_pre_llm(video, num_frames, policy) for video, num_frames, policy in zip(videos, frames, policies)]
 
-    def _apply_pre_llm(self, video: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def _apply_pre_llm(self, video: torch.Tensor, num_frames: int, policy) -> torch.Tensor:
         """video: [T*N + 1, D] (tokens, then the newline) -> [K + 1, D], carrying ``tokenzoom_kept``."""
         per_frame = (video.shape[0] - 1) // num_frames
-        if self.tokenzoom_pre_llm is None:
+        if policy is None:
             embeds, kept = video, KeptTokens.every(num_frames, per_frame, video.device)
         else:
-            tokens, kept = self.tokenzoom_pre_llm.apply(video[:-1].view(num_frames, per_frame, -1))
+            tokens, kept = policy.apply(video[:-1].view(num_frames, per_frame, -1))
             embeds = torch.cat((tokens, video[-1:]))
         embeds.tokenzoom_kept = kept  # read by the worker's session through vLLM's encoder cache
         self.tokenzoom_trace.append(kept)

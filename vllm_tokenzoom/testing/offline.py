@@ -33,7 +33,7 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
                 timeout: float = 600, trace: bool = False, idle_sessions: bool = False) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
     ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
-    ``question``; ``stop_at_eos``. ``plugins=False`` runs vanilla vLLM (no
+    ``question``; ``stop_at_eos``; ``tokenzoom`` (the request's own setting: ``extra_args``). ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
     ``batch=True`` sends all requests in one ``generate`` call (no per-request kept tokens; the
     in-LLM traces are per request, the last 256 requests' are kept);
@@ -105,8 +105,9 @@ def _child() -> None:
         return {"prompt": chat_prompt(llm.get_tokenizer(), question), "multi_modal_data": {"video": load_video(req)}}
 
     def params_of(req):
+        own = {"extra_args": {"tokenzoom": req["tokenzoom"]}} if "tokenzoom" in req else {}
         return SamplingParams(temperature=0.0, max_tokens=req.get("max_tokens", 8),
-                              ignore_eos=not req.get("stop_at_eos", False))
+                              ignore_eos=not req.get("stop_at_eos", False), **own)
 
     def result(out, seconds, alone: bool):
         return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
@@ -169,7 +170,7 @@ def _has_trace(llm) -> bool:
 
 
 def _pre_llm_configured(model) -> bool:
-    return getattr(model, "tokenzoom_pre_llm", None) is not None
+    return getattr(model, "tokenzoom", None) is not None  # every video's kept tokens are recorded
 
 
 def _traces(llm, request_id: str) -> dict:
@@ -191,8 +192,8 @@ def _last_kept(llm) -> list[int]:
     return llm.apply_model(_kept_source)[0]
 
 
-def _kept_source(model) -> list[int]:
-    return model.tokenzoom_trace[-1].source.tolist()
+def _kept_source(model) -> list[int] | None:
+    return model.tokenzoom_trace[-1].source.tolist() if model.tokenzoom_trace else None
 
 
 if __name__ == "__main__":

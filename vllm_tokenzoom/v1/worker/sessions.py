@@ -336,22 +336,27 @@ def _jsonable(x):
 def begin_step(runner, req_ids: list[str]) -> None:
     """Before a step's attention metadata is built: this step's :class:`Step` (row -> session),
     or none when no row has a session (the fast path)."""
+    from vllm_tokenzoom.requests import from_extra_args
     from vllm_tokenzoom.v1.worker.step import Step, set_current
 
     model = runner.get_model()
-    config = getattr(model, "tokenzoom", None)
-    if config is None or not (config.in_llm or trace_dir()):  # traced: a record for pre-LLM methods too
+    default = getattr(model, "tokenzoom", None)
+    if default is None:
         set_current(None)
         return
+    traced = trace_dir() is not None  # traced: a record for pre-LLM methods too
     layer_names = model.tokenzoom_layer_names
     block_size = runner.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
     rows = []
     for rid in req_ids:
         session, state = SESSIONS.get(rid), runner.requests[rid]
         if session is None:
-            session = new_session(rid, state, config, len(layer_names), runner.encoder_cache)
-            if session is not None:
-                SESSIONS[rid] = session
+            params = state.sampling_params
+            config = model.tokenzoom_for(from_extra_args(params.extra_args if params is not None else None))
+            if config.in_llm or traced:
+                session = new_session(rid, state, config, len(layer_names), runner.encoder_cache)
+                if session is not None:
+                    SESSIONS[rid] = session
         if session is not None:
             if session.sampled_scores:
                 session.take_sampled(state.output_token_ids)
