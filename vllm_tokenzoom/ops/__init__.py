@@ -221,13 +221,22 @@ class DecodeRequests:
     copy_rows: list[torch.Tensor]
 
 
-def decode_requests(seq_lens, multiplicities, row_ofs=None) -> DecodeRequests:
+def decode_requests(seq_lens, multiplicities, row_ofs=None, memo: dict | None = None) -> DecodeRequests:
     """seq_lens, multiplicities (each [seq_len], a prefix of it, or None) and ``row_ofs`` (the
-    ``row_of`` of each request's key copy, or None), one per request."""
+    ``row_of`` of each request's key copy, or None), one per request. ``memo``: a dict kept for
+    one step, so a request whose view several calls share (a batch whose rows change layout at
+    different layers) is derived once per step."""
     row_ofs = row_ofs or [None] * len(seq_lens)
-    entries = [_keys_and_bias(m, int(n)) for m, n in zip(multiplicities, seq_lens)]
-    rows = [_NO_ROWS if r is None else _copy_rows(e[0], m, r) for e, m, r in zip(entries, multiplicities, row_ofs)]
-    return DecodeRequests([e[0] for e in entries], [e[2] for e in entries], [e[3] for e in entries], rows)
+    memo = {} if memo is None else memo
+    out = []
+    for m, n, r in zip(multiplicities, seq_lens, row_ofs):
+        tag = (id(m), int(n), id(r))
+        hit = memo.get(tag)
+        if hit is None or hit[0] is not m or hit[1] is not r:
+            keys, _, keys32, bias32 = _keys_and_bias(m, int(n))
+            hit = memo[tag] = (m, r, keys, keys32, bias32, _NO_ROWS if r is None else _copy_rows(keys, m, r))
+        out.append(hit[2:])
+    return DecodeRequests(*map(list, zip(*out))) if out else DecodeRequests([], [], [], [])
 
 
 def run_decode_requests(query, k_region, v_region, k_offsets, v_offsets, block_table, requests: DecodeRequests,

@@ -105,6 +105,16 @@ class RequestSession:
         """The layers at which a decode policy scores the query of a decode step."""
         return frozenset(a.layer for p in self.decode.values() for a in p.score_requests())
 
+    @cached_property
+    def _all_score_layers(self) -> frozenset[int]:
+        return frozenset(a.layer for p in (*self.prefill.values(), *self.decode.values()) for a in p.score_requests())
+
+    def score_layers(self) -> frozenset[int]:
+        """The layers at which a policy may want scores of this request this step: the decode
+        policies' once the prefill is done (its policies never score again, also not when a
+        preempted request is recomputed: it replays their decisions)."""
+        return self.decode_score_layers if self.prefill_done else self._all_score_layers
+
     def score_queries(self, layer: int, first: int, last: int) -> list[tuple[str, list[int]]]:
         """(policy, query positions) whose scores a policy wants at ``layer`` from a batch row
         computing positions ``first..last``."""

@@ -80,11 +80,12 @@ class Step:
         self._inbox: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._needs: dict[tuple, list[QueryNeed]] = {}
         self.prepared: dict[int, tuple] = {}  # id(needs) -> what a kernel call derived from them (the backend's)
+        self.row_memo: dict[tuple, tuple] = {}  # one request's view -> its keys, biases, copy rows (ops.decode_requests)
         self._layouts: dict[int, Layout] = {}  # first layer -> layout in force from it
         first = {p.first_layer for s in sessions if s is not None for p in s.decode.values()}
         self._first_layers = tuple(sorted(first))
-        self._score_layers = frozenset(a.layer for s in sessions if s is not None
-                                       for p in (*s.prefill.values(), *s.decode.values()) for a in p.score_requests())
+        # the layers some row may score at this step: a layer that scores nothing shares its needs
+        self._score_layers = frozenset().union(*(s.score_layers() for s in sessions if s is not None))
 
     # -- set-up ----------------------------------------------------------------------------
     def bind(self, builder, common) -> bool:

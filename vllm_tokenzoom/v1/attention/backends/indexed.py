@@ -76,7 +76,8 @@ class IndexedRowsMixin:
         if prep is None or prep[0] is not needs:
             copied = [_reads_key_copy(layer_index, n, k_offsets) for n in needs]
             requests = decode_requests([n.cache_len for n in needs], [n.multiplicity for n in needs],
-                                       [n.segment.copy_rows if c else None for n, c in zip(needs, copied)])
+                                       [n.segment.copy_rows if c else None for n, c in zip(needs, copied)],
+                                       memo=step.row_memo)
             rows = block_table[torch.tensor([n.row for n in needs])]  # [R, max_blocks]
             prep = step.prepared[id(needs)] = (needs, torch.tensor([n.token for n in needs]), rows, requests, copied)
         _, tokens, rows, requests, copied = prep
