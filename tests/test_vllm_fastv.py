@@ -2,8 +2,6 @@
 tokens and the same greedy tokens in fp32, alone, after TTM, with DyCoke's dp, in batches
 mixed with plain and dp requests, after preemption; and the later layers really compute
 fewer rows."""
-import json
-
 import pytest
 
 from tests.parity import assert_matches, cached_reference
@@ -63,15 +61,16 @@ def test_later_layers_compute_only_the_kept_rows(tiny_model, reference, dense, p
 
 
 def test_mixed_batch_fastv_dp_and_plain_requests(tiny_model, reference, vanilla_text):
-    """One engine, one batch: FastV-only, dp-only and FastV+dp video requests (a test hook
-    assigns the policies per request) and a plain text request, each equal to its reference."""
+    """One engine, one batch: FastV-only, dp-only and FastV+dp video requests (each its own
+    per-request setting) and a plain text request, each equal to its reference."""
     batch = [VIDEOS[0], TEXT[0], VIDEOS[1], VIDEOS[2], dict(VIDEOS[0], seed=63)]
     config = {"tokenzoom": {"methods": {"fastv": {"layer": 2, "prune_ratio": 0.5}, "dp": {}}}}
     fastv, dp = {"fastv": {"layer": 2, "prune_ratio": 0.5}}, {"dp": {}}
-    mix = {"TOKENZOOM_TEST_MIX": json.dumps([fastv, dp, {**fastv, **dp}])}
-    outputs = run_offline(tiny_model, batch, config, batch=True, preload=["tests.policy_mix_hook"], env=mix,
-                          trace=True)["outputs"]
-    mix = [dict(fastv=FASTV), dict(dp=DP()), dict(fastv=FASTV, dp=DP()), dict(fastv=FASTV)]
+    for i, methods in zip((0, 2, 3), [fastv, dp, {**fastv, **dp}]):
+        batch[i] = dict(batch[i], tokenzoom={"methods": methods})  # the 4th video: the engine's fastv + dp
+    outputs = run_offline(tiny_model, batch, config, batch=True, trace=True)["outputs"]
+    batch = [{k: v for k, v in r.items() if k != "tokenzoom"} for r in batch]
+    mix = [dict(fastv=FASTV), dict(dp=DP()), dict(fastv=FASTV, dp=DP()), dict(fastv=FASTV, dp=DP())]
     for i, policies in zip((0, 2, 3, 4), mix):
         assert_matches(outputs[i], reference(batch[i], **policies))
     assert outputs[1]["tokens"] == vanilla_text[0]["tokens"]

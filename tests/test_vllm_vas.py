@@ -3,8 +3,6 @@ layers, axes, frames and cells left, kept tokens), the same death layers and the
 tokens in fp32 -- alone, after TTM, in the ``cascade`` preset (TTM, VAS, dp), in batches
 mixing VAS, FastV, dp and plain requests, after preemption; and the later layers really
 compute fewer rows. The model is ``tiny-deep`` (12 layers: VAS's defaults score at layers 2-7)."""
-import json
-
 import pytest
 
 from tests.parity import assert_matches, cached_reference
@@ -72,15 +70,18 @@ def test_later_layers_compute_only_the_alive_rows(tiny_deep_model, reference):
 
 @pytest.mark.parametrize("ttm", [False, True], ids=["no pre-LLM stage", "after TTM"])
 def test_mixed_batch_vas_fastv_dp_and_plain_requests(tiny_deep_model, reference, ttm):
-    """One engine, one batch: VAS, FastV, dp, VAS + dp and plain video requests (a test hook
-    assigns the in-LLM methods per request) and a text-only request, each equal to its
-    reference (the plain ones to the reference without methods). After TTM (the engine's
-    pre-LLM stage) the same mix is cascade-like, ttm + fastv, dycoke (ttm + dp), cascade and ttm."""
+    """One engine, one batch: VAS, FastV, dp, VAS + dp and plain video requests (each its own
+    per-request setting) and a text-only request, each equal to its reference (the plain ones
+    to the reference without methods). After TTM the same mix is cascade-like, ttm + fastv,
+    dycoke (ttm + dp), cascade and ttm."""
     batch = [VIDEOS[0], TEXT[0], VIDEOS[1], VIDEOS[2], dict(VIDEOS[0], seed=63), dict(VIDEOS[1], seed=64)]
+    pre_llm = {"ttm": {}} if ttm else {"ttm": {"prune_ratio": 0.0}}  # K=0: vanilla's tokens (test_disabled)
     mix = [{"vas": BUSY}, {"fastv": {"layer": 3}}, {"dp": {}}, {"vas": BUSY, "dp": {}}, {}]
+    for i, methods in zip((0, 2, 3, 4, 5), mix):
+        batch[i] = dict(batch[i], tokenzoom={"methods": {**pre_llm, **methods}})
     config = {"tokenzoom": {"methods": {**({"ttm": {}} if ttm else {}), "vas": BUSY, "dp": {}}}}
-    outputs = run_offline(tiny_deep_model, batch, config, batch=True, preload=["tests.policy_mix_hook"],
-                          env={"TOKENZOOM_TEST_MIX": json.dumps(mix)}, trace=True)["outputs"]
+    outputs = run_offline(tiny_deep_model, batch, config, batch=True, trace=True)["outputs"]
+    batch = [{k: v for k, v in r.items() if k != "tokenzoom"} for r in batch]
     policies = [dict(vas=VAS(**BUSY)), dict(fastv=FastV(layer=3)), dict(dp=DP()), dict(vas=VAS(**BUSY), dp=DP()), {}]
     pre = dict(ttm=TTM()) if ttm else {}
     for i, mine in zip((0, 2, 3, 4, 5), policies):
