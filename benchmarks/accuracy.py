@@ -50,6 +50,7 @@ def baseline(name, budget):
 
 
 FASTV_LAYER = 2
+ATA_FIRST_LAYER = 10
 
 
 def fastv(r):
@@ -97,6 +98,10 @@ def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]
         out += [(f"vas r={r} interval={i}" + (" (default)" if (r, i) == (0.3, 4) else ""), "vas",
                  {"methods": {"vas": {"ratio": r, "interval": i}}}) for r, i in grid]
         out += [("cascade (ttm K=0.7, vas, dp L=3 P=0.7)", "cascade", {"preset": "cascade"})]
+    if num_layers > ATA_FIRST_LAYER:  # ZoomVLM's ATA scores at layers 10..25 (clipped)
+        out += [(f"ata every={e} copies=drops={m}" + (" (default)" if (e, m) == (3, 10) else ""), "ata",
+                 {"methods": {"ata": {"every": e, "copies": m, "drops": m}}})
+                for e, m in ([(3, 10)] if quick else [(3, 10), (1, 10), (1, 100)])]
     return out
 
 
