@@ -2,6 +2,8 @@
 mixing requests with different settings and none, each equal to its dense reference under its
 own setting (so to the same request sent alone with that setting as the engine's config, which
 the methods' own parity tests hold to the same reference); a bad setting is refused by name."""
+import json
+
 import pytest
 
 from tests.parity import assert_matches, cached_reference
@@ -57,3 +59,38 @@ def test_a_bad_setting_fails_naming_it_and_a_server_without_tokenzoom_refuses_an
 @pytest.fixture(scope="module")
 def vanilla_text(tiny_model):
     return run_offline(tiny_model, [TEXT], plugins=False)["outputs"]
+
+
+CHAT = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+from vllm_tokenzoom.testing.server import data_url
+model, video = sys.argv[1:3]
+llm = LLM(model, dtype="float32", enforce_eager=True, max_model_len=4096, limit_mm_per_prompt={"video": 1},
+          additional_config={"tokenzoom": {"preset": "dycoke"}}, media_io_kwargs={"video": {"num_frames": 16}})
+conv = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": data_url(video)}},
+                                     {"type": "text", "text": "Describe."}]}]
+own = SamplingParams(max_tokens=2, extra_args={"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5}}}})
+outs = llm.chat(messages=[conv, conv], sampling_params=[own, SamplingParams(max_tokens=2)], use_tqdm=False)
+print("RESULT " + json.dumps([len(o.prompt_token_ids) for o in outs]))
+"""
+
+
+def test_llm_chat_takes_per_request_settings_too(tiny_model, tmp_path):
+    """``LLM.chat`` (vLLM passes its conversations by keyword): the first conversation's own TTM
+    K=0.5 and the engine's dycoke (TTM K=0.7) for the second, the same 16-frame video."""
+    import os
+    import subprocess
+    import sys
+
+    from vllm_tokenzoom.testing.video import make_video, write_mp4
+
+    video = write_mp4(make_video(16, seed=40), tmp_path / "v.mp4")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([sys.executable, "-c", CHAT, tiny_model, str(video)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    own, default = json.loads(line[len("RESULT "):])
+    assert own - default == TTM(prune_ratio=0.5).num_kept_tokens(16, 196) - TTM(prune_ratio=0.7).num_kept_tokens(16, 196)

@@ -348,11 +348,19 @@ def _with_request_setting(orig):
 
 
 def _one_by_one_with_setting(orig):
-    def add(self, prompts, params, *args, **kwargs):
+    import inspect
+
+    first = list(inspect.signature(orig).parameters)[1]  # "prompts" or "messages" (vLLM passes them by name)
+
+    def add(self, *args, **kwargs):
         from vllm.sampling_params import SamplingParams
 
         from vllm_tokenzoom.requests import MM_KEY, XARG, entered
 
+        if args:
+            kwargs.update(zip((first, "params"), args))
+            args = args[2:]
+        prompts, params = kwargs.pop(first), kwargs.pop("params")
         many = isinstance(params, (list, tuple))
         if not any(isinstance(p, SamplingParams) and XARG in (p.extra_args or {})
                    for p in (params if many else [params])):
