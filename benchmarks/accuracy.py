@@ -34,7 +34,7 @@ from speed import preset_fits  # noqa: E402
 from ttft_ttm import RESULTS, _version, append_csv, machine  # noqa: E402
 
 from vllm_tokenzoom.config import parse_config  # noqa: E402
-from vllm_tokenzoom.methods import Stage  # noqa: E402
+from vllm_tokenzoom.methods import ATA, Stage  # noqa: E402
 from vllm_tokenzoom.testing import videoqa  # noqa: E402
 from vllm_tokenzoom.testing.offline import run_offline  # noqa: E402
 
@@ -50,7 +50,6 @@ def baseline(name, budget):
 
 
 FASTV_LAYER = 2
-ATA_FIRST_LAYER = 10
 
 
 def fastv(r):
@@ -98,7 +97,7 @@ def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]
         out += [(f"vas r={r} interval={i}" + (" (default)" if (r, i) == (0.3, 4) else ""), "vas",
                  {"methods": {"vas": {"ratio": r, "interval": i}}}) for r, i in grid]
         out += [("cascade (ttm K=0.7, vas, dp L=3 P=0.7)", "cascade", {"preset": "cascade"})]
-    if num_layers > ATA_FIRST_LAYER:  # ZoomVLM's ATA scores at layers 10..25 (clipped)
+    if num_layers > ATA().first_score_layer:  # ZoomVLM's ATA scores at layers 10..25 (clipped)
         out += [(f"ata every={e} copies=drops={m}" + (" (default)" if (e, m) == (3, 10) else ""), "ata",
                  {"methods": {"ata": {"every": e, "copies": m, "drops": m}}})
                 for e, m in ([(3, 10)] if quick else [(3, 10), (1, 10), (1, 100)])]

@@ -50,7 +50,7 @@ class EngineFacts:
     def of(cls, vllm_config) -> "EngineFacts":
         from vllm.platforms import current_platform
 
-        backend = vllm_config.attention_config.backend if hasattr(vllm_config, "attention_config") else None
+        backend = vllm_config.attention_config.backend
         return cls(
             prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
             chunked_prefill=bool(vllm_config.scheduler_config.enable_chunked_prefill),
@@ -149,7 +149,6 @@ def from_extra_args(extra_args: Mapping[str, Any] | None) -> str | None:
     """The canonical string a request carries to the worker, or None (the engine's config)."""
     value = (extra_args or {}).get(XARG)
     return value if isinstance(value, str) else None
-
 
 
 def entered(value: Any, model_config) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Mapping
 
 import torch
 from vllm.model_executor.models.llava_onevision import (
@@ -41,13 +40,17 @@ from vllm_tokenzoom.patches import HF_CONFIG_ATTR
 from vllm_tokenzoom.v1.worker import step as steps
 
 
-def config_of(hf_config, tokenizer=None):
-    """The tokenzoom config the engine was configured with, or None; ``tokenizer`` resolves
-    the defaults that come from it (ATA's sentence ends; the worker passes it)."""
+def config_of(hf_config, tokenizer=None, text: str | None = None):
+    """The tokenzoom config a request runs with: its own (``text``, ``requests.canonical``:
+    checked where it entered), else the engine's; None when tokenzoom is off. ``tokenizer``
+    resolves the defaults that come from it (ATA's sentence ends; the worker passes it)."""
     resolved = getattr(hf_config, HF_CONFIG_ATTR, None)
     if resolved is None:
         return None
-    return parse_config({"tokenzoom": resolved}).for_model(hf_config.get_text_config().num_hidden_layers, tokenizer)
+    layers = hf_config.get_text_config().num_hidden_layers
+    if text is not None:
+        return requests.parsed(text, layers, tokenizer)
+    return parse_config({"tokenzoom": resolved}).for_model(layers, tokenizer)
 
 
 def _tokenizer(model_config):
@@ -65,14 +68,6 @@ class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
             return self.get_num_video_tokens(image_width=image_width, image_height=image_height, num_frames=num_frames)
         per_frame = self._get_num_frame_tokens(image_width=image_width, image_height=image_height)
         return policy.num_kept_tokens(num_frames, per_frame) + 1  # + the video's one newline token
-
-    def request_config(self, hf_processor_mm_kwargs: Mapping[str, object]):
-        """The config a request runs with: its own (canonical, checked where it entered), or the engine's."""
-        text = hf_processor_mm_kwargs.get(requests.MM_KEY)
-        hf_config = self.get_hf_config()
-        if text is None:
-            return config_of(hf_config)
-        return requests.parsed(str(text), hf_config.get_text_config().num_hidden_layers)
 
 
 class TokenZoomProcessor(LlavaOnevisionMultiModalProcessor):
@@ -102,7 +97,8 @@ class TokenZoomProcessor(LlavaOnevisionMultiModalProcessor):
         from vllm.multimodal.parse import VideoEmbeddingItems, VideoProcessorItems
 
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        config = self.info.request_config(hf_processor_mm_kwargs)
+        text = hf_processor_mm_kwargs.get(requests.MM_KEY)
+        config = config_of(self.info.get_hf_config(), text=None if text is None else str(text))
 
         def video_replacement(item_idx: int):
             videos = mm_items.get_items("video", (VideoEmbeddingItems, VideoProcessorItems))
@@ -130,6 +126,7 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         if self.tokenzoom is not None and self.tokenzoom.needs_tokenizer:
             self.tokenzoom = config_of(vllm_config.model_config.hf_config, _tokenizer(vllm_config.model_config))
         self.tokenzoom_model_config = vllm_config.model_config
+        self.tokenzoom_videos: list[str] | None = None  # the current encoder call's per-video settings
         # what the pre-LLM stage kept of the most recent videos (tests and debugging: `LLM.apply_model`)
         self.tokenzoom_trace: deque[KeptTokens] = deque(maxlen=64)
         lm = self.language_model.model
@@ -139,9 +136,9 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         """The config a request runs with: its own (``requests.canonical``), or the engine's."""
         if text is None or self.tokenzoom is None:
             return self.tokenzoom
-        layers = self.config.get_text_config().num_hidden_layers
-        config = requests.parsed(text, layers)
-        return requests.parsed(text, layers, _tokenizer(self.tokenzoom_model_config)) if config.needs_tokenizer else config
+        hf_config = self.tokenzoom_model_config.hf_config
+        config = config_of(hf_config, text=text)
+        return config_of(hf_config, _tokenizer(self.tokenzoom_model_config), text) if config.needs_tokenizer else config
 
     def embed_multimodal(self, **kwargs):
         codes = kwargs.pop(requests.PRE_LLM_FIELD, None)  # per video: the request's own setting, if any
@@ -159,7 +156,7 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
             return videos
         pixels = inputs["pixel_values_videos"]
         frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
-        own = getattr(self, "tokenzoom_videos", None) or [None] * len(videos)
+        own = self.tokenzoom_videos or [None] * len(videos)
         policies = [self.tokenzoom_for(text).pre_llm for text in own]
         return [self._apply_pre_llm(video, num_frames, policy) for video, num_frames, policy in zip(videos, frames, policies)]
 

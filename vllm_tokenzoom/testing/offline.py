@@ -166,10 +166,10 @@ def _decode_seconds(out) -> float | None:
 # What the child reads from the worker's model (module-level functions: with the engine core
 # in its own process, ``apply_model`` pickles them)
 def _has_trace(llm) -> bool:
-    return llm.apply_model(_pre_llm_configured)[0]
+    return llm.apply_model(_tokenzoom_enabled)[0]
 
 
-def _pre_llm_configured(model) -> bool:
+def _tokenzoom_enabled(model) -> bool:
     return getattr(model, "tokenzoom", None) is not None  # every video's kept tokens are recorded
 
 
