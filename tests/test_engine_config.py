@@ -251,3 +251,21 @@ def test_ata_refusals_name_what_to_change(tiny_model):
     assert ("tokenzoom.methods.ata.first_score_layer = 10 is out of range for this model; allowed: 0 <= "
             "first_score_layer <= last_score_layer < 4") in lines[1]
     assert lines[2].startswith("STARTED"), lines[2]
+
+
+def test_voa_refusals_name_what_to_change(tiny_model):
+    """VOA's probe decides from the step's sampled token (async scheduling refused), its second
+    pass is built from the first's processed video (a processor cache the user asks for is
+    refused; the default one is turned off), and its default layer set does not fit 4 layers."""
+    voa = {"tokenzoom": {"methods": {"voa": {"first_score_layer": 1}}}}
+    lines = _llm_attempts(tiny_model, [
+        (voa, {"async_scheduling": True}),
+        (voa, {"mm_processor_cache_gb": 2}),
+        ({"tokenzoom": {"preset": "zoomvlm"}}, {}),
+        (voa, {}),
+    ])
+    assert lines[0].startswith("TokenZoomConfigError: --async-scheduling cannot run with tokenzoom method(s) 'voa'")
+    assert lines[1].startswith("TokenZoomConfigError: --mm-processor-cache-gb 2 cannot run with tokenzoom method(s) "
+                               "'voa'") and "drop --mm-processor-cache-gb" in lines[1]
+    assert "tokenzoom.methods.voa.first_score_layer = 10 is out of range for this model" in lines[2]
+    assert lines[3].startswith("STARTED"), lines[3]

@@ -63,13 +63,21 @@ class TokenZoomConfig:
 
     @property
     def pre_llm(self) -> Policy | None:
-        """The one policy that prunes the video before the LLM (TTM or a baseline), or None."""
-        return next(iter(self.stage(Stage.PRE_LLM).values()), None)
+        """The one policy that prunes the video before the LLM (TTM, a baseline, or VOA's
+        overview and keyframes), or None."""
+        return next(iter({**self.stage(Stage.PRE_LLM), **self.stage(Stage.REQUEST)}.values()), None)
+
+    @property
+    def decode(self) -> dict[str, Policy]:
+        """The policies acting between decode steps: in VOA's first pass only its probe (the
+        other decode methods act in the second pass, methods-spec §2.2 "Schedule")."""
+        probes = {name: p.probe() for name, p in self.stage(Stage.REQUEST).items() if p.probe() is not None}
+        return probes or self.stage(Stage.DECODE)
 
     @property
     def in_llm(self) -> dict[str, Policy]:
         """The policies that act inside the LLM (prefill and decode stages): they need a session."""
-        return {**self.stage(Stage.PREFILL), **self.stage(Stage.DECODE)}
+        return {**self.stage(Stage.PREFILL), **self.decode}
 
     @property
     def _served(self) -> dict[str, Any]:
@@ -145,6 +153,7 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
                                    f"or a preset ({_fmt(_ready_presets())}), or drop the 'tokenzoom' key")
     ordered = [name for name in REGISTRY if name in merged]  # registry order: stable and readable
     methods = {name: _build_policy(name, merged[name], f"{where}.methods.{name}") for name in ordered}
+    _check_around(methods, where)
     for stage in ONE_PER_CONFIG:
         same = [m for m in methods if methods[m].stage is stage]
         if len(same) > 1:
@@ -152,6 +161,17 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
                                        f"allowed: at most one of {_fmt(of_stage(stage))}")
     per_request = _per_request(raw.get("per_request", True), f"{where}.per_request")
     return TokenZoomConfig(methods=types.MappingProxyType(methods), preset=preset, per_request=per_request)
+
+
+def _check_around(methods: Mapping[str, Policy], where: str) -> None:
+    """A method around the request (VOA) brings its own pre-LLM stage and passes: it composes
+    with decode-stage methods only."""
+    around = [m for m in methods if methods[m].stage is Stage.REQUEST]
+    clash = [m for m in methods if methods[m].stage in (Stage.PRE_LLM, Stage.PREFILL)]
+    if around and clash:
+        raise TokenZoomConfigError(f"{where}.methods: {_fmt(around)} builds the video's tokens itself and cannot "
+                                   f"run with {_fmt(clash)}; allowed with it: the decode-stage methods "
+                                   f"({_fmt(of_stage(Stage.DECODE))})")
 
 
 def _per_request(value: Any, where: str) -> bool | tuple[str, ...]:
@@ -189,9 +209,8 @@ def _check_method_name(name: Any, where: str) -> None:
         raise TokenZoomConfigError(
             f"{where}: method {name!r} is planned but not implemented yet; implemented: {_fmt(REGISTRY)}"
         )
-    raise TokenZoomConfigError(
-        f"{where}: unknown method {name!r}; allowed: {_fmt(REGISTRY)} (planned: {_fmt(PLANNED)})"
-    )
+    planned = f" (planned: {_fmt(PLANNED)})" if PLANNED else ""
+    raise TokenZoomConfigError(f"{where}: unknown method {name!r}; allowed: {_fmt(REGISTRY)}{planned}")
 
 
 def _build_policy(name: str, settings: Mapping[str, Any], where: str):

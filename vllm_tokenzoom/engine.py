@@ -8,7 +8,9 @@ setting the user left at its default) it sets, and says so in the log:
 - chunked prefill off for prefill-stage methods: the video and the text after it must be
   in one forward, so every prompt is prefilled in one step (vLLM then sizes
   ``max_num_batched_tokens`` to at least ``max_model_len``);
-- async scheduling off for methods that decide from the token a step sampled (ATA);
+- async scheduling off for methods that decide from the token a step sampled (ATA, VOA);
+- the multimodal processor cache off for VOA (its second pass is built from the first's
+  processed video, which that cache would send to the engine only the first time);
 - tokenzoom's attention backend on CUDA (the CPU platform always uses tokenzoom's override).
 No method-specific branch here: each check reads ``Requirements`` fields.
 """
@@ -68,8 +70,24 @@ def fit_engine_args(engine_args, config) -> None:
                 f"--async-scheduling cannot run with tokenzoom method(s) {_names(methods)}: they decide from the "
                 "token each step sampled before the next step starts; drop --async-scheduling (tokenzoom turns it off)")
         engine_args.async_scheduling = False
+    if req.no_mm_processor_cache:
+        _no_mm_processor_cache(engine_args, config.needing("no_mm_processor_cache"))
     if req.attention_backend:
         _cuda_backend(engine_args, config.needing("attention_backend"))
+
+
+def _no_mm_processor_cache(engine_args, methods: list[str]) -> None:
+    from vllm.config.multimodal import MultiModalConfig
+
+    size = engine_args.mm_processor_cache_gb
+    if size and size != MultiModalConfig.mm_processor_cache_gb:  # asked for by the user
+        raise TokenZoomConfigError(
+            f"--mm-processor-cache-gb {size} cannot run with tokenzoom method(s) {_names(methods)}: the second "
+            "pass is built from each request's processed video, which that cache sends to the engine only "
+            "once; drop --mm-processor-cache-gb (tokenzoom sets it to 0)")
+    if size:
+        logger.info("tokenzoom: multimodal processor cache off for %s", _names(methods))
+    engine_args.mm_processor_cache_gb = 0
 
 
 def _cuda_backend(engine_args, methods: list[str]) -> None:

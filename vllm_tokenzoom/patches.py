@@ -28,6 +28,7 @@ def apply_all() -> None:
     _patch_model_runner()
     _patch_scheduler_cls()
     _patch_request_entry()
+    _patch_voa_passes()
 
 
 def apply_version_guard_only() -> None:
@@ -101,9 +102,11 @@ def _patch_model_runner() -> None:
       server included);
     - ``_build_attention_metadata`` (l.2249) first makes this step's ``Step``: each batch row's
       session, created for new video requests (``v1/worker/sessions.begin_step``);
-    - ``sample_tokens`` (l.4304) attaches newly reclaimable blocks to its ``ModelRunnerOutput``
-      (an extra attribute, which survives the pickled transport to the engine core; under async
-      scheduling to the output it wraps; EMPTY_MODEL_RUNNER_OUTPUT is never touched).
+    - ``sample_tokens`` (l.4304) lets the after-sampling policies decide once the tokens are on
+      the host (sync scheduling), and attaches newly reclaimable blocks and the policies' results
+      for the caller (VOA's keyframes) to its ``ModelRunnerOutput`` (extra attributes, which
+      survive the pickled transport to the engine core; under async scheduling to the output
+      it wraps; EMPTY_MODEL_RUNNER_OUTPUT is never touched).
     Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU and vLLM
     has a block-release channel.
     """
@@ -134,11 +137,16 @@ def _patch_model_runner() -> None:
         output = orig_sample(self, *args, **kwargs)
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
-        from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR
-        from vllm_tokenzoom.v1.worker.sessions import SESSIONS, collect_reclaimable
+        from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR, RESULTS_ATTR
+        from vllm_tokenzoom.v1.worker.sessions import SESSIONS, collect_reclaimable, collect_results, take_sampled_now
 
         target = output._model_runner_output if isinstance(output, AsyncModelRunnerOutput) else output
         if SESSIONS and isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
+            if not self.use_async_scheduling:
+                take_sampled_now(self.requests)
+            results = collect_results(self.requests)
+            if results:
+                setattr(target, RESULTS_ATTR, results)
             block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
             report = collect_reclaimable(self.requests, block_size)
             if report:
@@ -391,3 +399,29 @@ def _is_batch(prompts, name: str) -> bool:
     if name == "_add_chat_requests":  # one conversation is a list of message dicts
         return isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], (list, tuple))
     return isinstance(prompts, (list, tuple)) and not (prompts and isinstance(prompts[0], int))
+
+
+def _patch_voa_passes() -> None:
+    """Patches of the engine clients: ``AsyncLLM.generate`` (v1/engine/async_llm.py:698) and
+    ``LLMEngine.add_request`` / ``step`` (v1/engine/llm_engine.py:229, :319).
+
+    Why: ZoomVLM's VOA runs the LLM twice for one request (an overview pass, then one with the
+    keyframes the first pass's attention chose), and a user sends one request and expects one
+    answer (streamed or not). How: ``v1/engine/voa.py``: a VOA request enters as its first pass;
+    when that ends with its keyframes (on its output's ``kv_transfer_params``), the second pass
+    enters under the same request id, built from the first's rendered input; the outputs are
+    shown as one request's. Requests without ``voa`` pass straight through (one dict lookup).
+    Remove when: vLLM has a hook for multi-pass requests (none is planned).
+    """
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    if getattr(LLMEngine, _PATCHED, False):
+        return
+    from vllm_tokenzoom.v1.engine.voa import async_generate, engine_add_request, engine_step
+
+    AsyncLLM.generate = async_generate(AsyncLLM.generate)
+    orig_add = LLMEngine.add_request
+    LLMEngine.add_request = engine_add_request(orig_add)
+    LLMEngine.step = engine_step(LLMEngine.step, orig_add)
+    setattr(LLMEngine, _PATCHED, True)

@@ -45,6 +45,7 @@ class EngineFacts:
     speculative_decoding: bool
     pipeline_parallel_size: int
     attention_backend: bool  # tokenzoom's attention backend is installed
+    mm_processor_cache: bool = False
 
     @classmethod
     def of(cls, vllm_config) -> "EngineFacts":
@@ -59,6 +60,7 @@ class EngineFacts:
             speculative_decoding=vllm_config.speculative_config is not None,
             pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size,
             attention_backend=not current_platform.is_cuda() or str(backend).endswith("CUSTOM"),
+            mm_processor_cache=bool(getattr(vllm_config.model_config.multimodal_config, "mm_processor_cache_gb", 0)),
         )
 
     def unmet(self, config: TokenZoomConfig) -> list[str]:
@@ -82,6 +84,9 @@ class EngineFacts:
             out.append(f"{names('no_speculative_decoding')} cannot run with this server's speculative decoding")
         if req.no_pipeline_parallel and self.pipeline_parallel_size > 1:
             out.append(f"{names('no_pipeline_parallel')} cannot run with pipeline parallelism")
+        if req.no_mm_processor_cache and self.mm_processor_cache:
+            out.append(f"{names('no_mm_processor_cache')} need the multimodal processor cache off; this server runs "
+                       "with it on (--mm-processor-cache-gb)")
         if req.attention_backend and not self.attention_backend:
             out.append(f"{names('attention_backend')} need tokenzoom's attention backend, which this server "
                        "did not install (its own config has no in-LLM method)")

@@ -22,6 +22,7 @@ from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.fastv import FastV
 from vllm_tokenzoom.methods.ttm import TTM
 from vllm_tokenzoom.methods.vas import VAS
+from vllm_tokenzoom.methods.voa import VOA
 
 # config name -> policy class, for the methods that work today (the last three are baselines)
 REGISTRY: dict[str, type[Policy]] = {
@@ -30,12 +31,13 @@ REGISTRY: dict[str, type[Policy]] = {
     "vas": VAS,
     "dp": DP,
     "ata": ATA,
+    "voa": VOA,
     "random_drop": RandomDrop,
     "frame_sampling": FrameSampling,
     "spatial_pool": SpatialPool,
 }
 # names reserved for the methods of the roadmap (README "Methods")
-PLANNED = ("voa",)
+PLANNED: tuple[str, ...] = ()
 # at most one policy per config for these stages (one pre-LLM plan per video, one death-layer writer)
 ONE_PER_CONFIG = (Stage.PRE_LLM, Stage.PREFILL)
 
@@ -46,4 +48,4 @@ def of_stage(stage: Stage) -> tuple[str, ...]:
 
 __all__ = ["ATA", "DP", "FastV", "PLANNED", "REGISTRY", "TTM", "DecodePolicy", "FrameSampling", "KeptTokens", "Policy",
            "PreLLMPolicy", "PrefillPolicy", "Queries", "RandomDrop", "Requirements", "ScoreRequest", "SpatialPool",
-           "Stage", "VAS", "of_stage"]
+           "Stage", "VAS", "VOA", "of_stage"]

@@ -68,6 +68,9 @@ class ATA(DecodePolicy):
         the video has fewer than ``copies + drops`` entries left.
     sentence_end_ids : list of int
         The tokens that end a sentence; unset: computed from the model's tokenizer.
+    sentences : int
+        Sentence ends already in the context when decoding starts (VOA's second pass: those
+        of its first pass's tokens; methods-spec §2.4.9). Set by the engine.
     """
 
     first_score_layer: int = DEFAULT_LAYERS[0]
@@ -76,6 +79,7 @@ class ATA(DecodePolicy):
     copies: int = 10
     drops: int = 10
     sentence_end_ids: tuple[int, ...] | None = field(default=None, repr=False)
+    sentences: int = 0
 
     after_sampling = True
     permanent = True
@@ -83,7 +87,7 @@ class ATA(DecodePolicy):
     requirements = IN_LLM | Requirements(sync_scheduling=True)
 
     def __post_init__(self):
-        for name in ("every", "copies", "drops", "first_score_layer"):
+        for name in ("every", "copies", "drops", "first_score_layer", "sentences"):
             low = 1 if name == "every" else 0
             if getattr(self, name) < low:
                 raise TokenZoomConfigError(f"{name} = {getattr(self, name)!r} is out of range; allowed: {name} >= {low}")
@@ -130,7 +134,7 @@ class ATA(DecodePolicy):
         if self.sentence_end_ids is None:
             raise ValueError("ATA.step needs sentence_end_ids: resolve the policy with for_model(num_layers, tokenizer)")
         if state is None:
-            state = ATAState(torch.ones(scores.numel(), dtype=torch.int32, device=scores.device), None)
+            state = ATAState(torch.ones(scores.numel(), dtype=torch.int32, device=scores.device), None, self.sentences)
         sentences = state.sentences + (token in self._ends)
         if sentences == state.sentences or sentences % self.every:
             return state.value, ATAState(state.counts, state.value, sentences)

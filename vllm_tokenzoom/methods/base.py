@@ -6,7 +6,9 @@ A method is a frozen dataclass (its fields are its settings) subclassing one sta
   their rows leave the batch after that layer (FastV, VAS);
 - :class:`DecodePolicy`: between decode steps, sets multiplicities of visual tokens for the
   layers it covers (DyCoke's ``dp``, ZoomVLM's ``ata``);
-- ``around the request`` (ZoomVLM's ``voa``): planned.
+- ``Stage.REQUEST``: around the request (ZoomVLM's ``voa``: two passes of the LLM, run by
+  ``v1/engine/voa.py``; the policy is a pre-LLM policy of each pass, and its first pass has a
+  decode-stage probe).
 The request session (``v1/worker/sessions.py``) owns the plumbing and knows no method:
 it routes the scores a policy asks for (:class:`ScoreRequest`) to its ``decide``, and
 composes what the policies decide into the token view (``kv/view.py``).
@@ -68,6 +70,7 @@ class Requirements:
     no_speculative_decoding: bool = False
     no_pipeline_parallel: bool = False
     sync_scheduling: bool = False  # a decision needs the token sampled by the step before, on the host
+    no_mm_processor_cache: bool = False  # the engine needs each request's processed video (VOA's second pass)
 
     def __or__(self, other: "Requirements") -> "Requirements":
         dtypes = [d for d in (self.kv_cache_dtypes, other.kv_cache_dtypes) if d is not None]
@@ -188,10 +191,21 @@ class DecodePolicy(Policy):
     key_copy = False  # on CPU, copy the visual tokens' K token-major for the layers it covers (``dp``)
     after_sampling: ClassVar[bool] = False
     permanent: ClassVar[bool] = False
+    reports: ClassVar[bool] = False  # has a result for the caller: decides right after sampling (``result``)
 
     @property
     def first_layer(self) -> int:
         raise NotImplementedError
+
+    def start(self, token_map) -> Any:
+        """The state before the first step (``kv/token_map.TokenMap``: each visual token's video,
+        frame and cell; complete by then)."""
+        return None
+
+    def result(self, state: Any) -> Any:
+        """What the engine hands back to the caller with the request's output once it is not
+        None (``RequestOutput.kv_transfer_params["tokenzoom"][name]``; VOA's keyframes)."""
+        return None
 
     def step(self, scores: torch.Tensor, state: Any) -> tuple[torch.Tensor | None, Any]:
         """scores: [V] fp32 of the current decode query; state: carried from the previous step

@@ -69,14 +69,16 @@ class DenseLlavaOnevision:
         kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
         return torch.cat((kept_tokens, newline)), kept
 
-    def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None):
-        """-> (ids [1, L] with the video's placeholders, inputs_embeds [1, L, D], what was kept)."""
+    def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None, suffix: list[int] = ()):
+        """-> (ids [1, L] with the video's placeholders, then ``suffix``; inputs_embeds [1, L, D];
+        what was kept)."""
         embeds, kept = self.video_embeddings(video, ttm)
         video_id = self.model.config.video_token_index
         ids = self.processor.tokenizer(prompt, return_tensors="pt").input_ids[0]
         (at,) = (ids == video_id).nonzero(as_tuple=True)
         assert at.numel() == 1, "the reference takes a prompt with exactly one <video>"
-        ids = torch.cat((ids[:at], torch.full((embeds.shape[0],), video_id), ids[at + 1:]))[None]
+        ids = torch.cat((ids[:at], torch.full((embeds.shape[0],), video_id), ids[at + 1:],
+                         torch.tensor(list(suffix), dtype=ids.dtype)))[None]
         inputs_embeds = self.model.get_input_embeddings()(ids)
         inputs_embeds[ids == video_id] = embeds.to(inputs_embeds.dtype)
         return ids, inputs_embeds, kept
@@ -99,12 +101,12 @@ class DenseLlavaOnevision:
     @torch.inference_mode()
     def generate(self, video: np.ndarray, prompt: str, ttm: TTM | None = None, max_new_tokens: int = 16,
                  dp: DP | None = None, fastv: FastV | None = None, vas: VAS | None = None,
-                 ata: ATA | None = None) -> ReferenceOutput:
+                 ata: ATA | None = None, suffix: list[int] = ()) -> ReferenceOutput:
         """Greedy decoding for a prompt with one ``<video>`` placeholder; EOS is ignored (as ``ignore_eos``).
         ``ttm`` prunes the video before the LLM, ``fastv`` or ``vas`` inside it during prefill,
         ``dp`` and ``ata`` during decode (``ata`` resolved with the model's tokenizer unless it
-        names its sentence ends)."""
-        ids, inputs_embeds, plan = self.prompt_embeds(video, prompt, ttm)
+        names its sentence ends). ``suffix``: token ids after the prompt (VOA's second pass)."""
+        ids, inputs_embeds, plan = self.prompt_embeds(video, prompt, ttm, suffix)
         kept = None if ttm is None else plan.source
         video_id = self.model.config.video_token_index
         kwargs = dict(inputs_embeds=inputs_embeds, attention_mask=torch.ones_like(ids), do_sample=False,

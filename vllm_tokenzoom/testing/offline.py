@@ -184,8 +184,10 @@ def _traces(llm, request_id: str) -> dict:
 def _trace_of(request_id: str, model):
     from vllm_tokenzoom.v1.worker.sessions import TRACES
 
-    # vLLM's engine appends a random suffix to the request id the LLM gave (``input_processor.py``)
-    return next((t for rid, t in TRACES.items() if rid == request_id or rid.startswith(request_id + "-")), None)
+    # vLLM's engine appends a random suffix to the request id the LLM gave (``input_processor.py``);
+    # a request run in two passes (VOA) has a session, so a trace, per pass: merged, in order
+    found = [t for rid, t in TRACES.items() if rid == request_id or rid.startswith(request_id + "-")]
+    return {k: v for t in found for k, v in t.items()} if found else None
 
 
 def _last_kept(llm) -> list[int]:

@@ -66,6 +66,7 @@ class RequestSession:
     plans: tuple | None = None
     # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
     sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    results_given: set[str] = field(default_factory=set)  # decode policies whose result went to the caller
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
@@ -156,20 +157,40 @@ class RequestSession:
             seen, total = self.sampled_scores.get(name, (position, None))
             self.sampled_scores[name] = (position, scores if total is None or seen != position else total + scores)
             return
-        value, self.states[name] = policy.step(scores, self.states.get(name))
+        value, self.states[name] = policy.step(scores, self._state(name))
         self._push(name, position, value)
 
-    def take_sampled(self, output_token_ids) -> None:
+    def take_sampled(self, output_token_ids, reporting_only: bool = False) -> None:
         """Between steps: the after-sampling policies decide from the scores of the forward that
-        sampled the newest token and from that token; in force from the query after it."""
+        sampled the newest token and from that token; in force from the query after it.
+        ``reporting_only``: only those with a result for the caller (``DecodePolicy.reports``)."""
         for name, (position, scores) in list(self.sampled_scores.items()):
+            if reporting_only and not self.decode[name].reports:
+                continue
             i = position + 1 - self.num_prompt_tokens  # the sampled token sits at position + 1
             if i >= len(output_token_ids) or output_token_ids[i] < 0:
                 continue  # not on the host yet
             del self.sampled_scores[name]
             policy = self.decode[name]
-            value, self.states[name] = policy.step(scores, self.states.get(name), int(output_token_ids[i]))
+            value, self.states[name] = policy.step(scores, self._state(name), int(output_token_ids[i]))
             self._push(name, position + 1, value)
+
+    def _state(self, name: str) -> Any:
+        """A decode policy's state, started once the token map is complete (after the first forward)."""
+        if name not in self.states:
+            self.states[name] = self.decode[name].start(self.token_map)
+        return self.states[name]
+
+    def take_results(self) -> dict[str, Any]:
+        """The decode policies' results for the caller (``DecodePolicy.result``), each handed out once."""
+        out = {}
+        for name, policy in self.decode.items():
+            if name not in self.results_given and name in self.states:
+                result = policy.result(self.states[name])
+                if result is not None:
+                    out[name] = result
+                    self.results_given.add(name)
+        return out
 
     def _push(self, name: str, position: int, value: torch.Tensor | None) -> None:
         policy = self.decode[name]
@@ -272,6 +293,26 @@ def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_
     return blocks
 
 
+def take_sampled_now(requests: dict) -> None:
+    """Right after sampling (sync scheduling: the tokens are on the host): the policies with a
+    result for the caller decide now, so a request that ends with this token still has it."""
+    for rid, session in SESSIONS.items():
+        state = requests.get(rid)
+        if session.sampled_scores and state is not None:
+            session.take_sampled(state.output_token_ids, reporting_only=True)
+
+
+def collect_results(requests: dict) -> dict[str, dict]:
+    """req_id -> {policy: result} newly available (worker -> scheduler -> the request's output)."""
+    out = {}
+    for rid, session in SESSIONS.items():
+        if rid in requests:
+            results = session.take_results()
+            if results:
+                out[rid] = results
+    return out
+
+
 def collect_reclaimable(requests: dict, block_size: int) -> dict[str, list[int]]:
     """req_id -> newly reclaimable logical blocks, for every session (worker -> scheduler)."""
     report = {}
@@ -305,8 +346,7 @@ def new_session(req_id: str, state, config, num_layers: int, encoder_cache: dict
     places = [(o, n) for o, n, _ in spans]
     token_map = TokenMap.build(state.num_prompt_tokens, places, kept)
     plans = None if all(k is not None for k in kept) else (places, [i for _, _, i in spans], encoder_cache)
-    return RequestSession(req_id, token_map, num_layers, config.stage(Stage.PREFILL), config.stage(Stage.DECODE),
-                          plans=plans)
+    return RequestSession(req_id, token_map, num_layers, config.stage(Stage.PREFILL), config.decode, plans=plans)
 
 
 def release_gone(requests: dict) -> None:

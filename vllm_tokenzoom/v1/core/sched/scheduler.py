@@ -19,6 +19,8 @@ import logging
 
 logger = logging.getLogger("vllm.tokenzoom")
 REPORT_ATTR = "tokenzoom_free_blocks"
+RESULTS_ATTR = "tokenzoom_results"  # request id -> {policy: result}, handed to the request's output
+RESULTS_KEY = "tokenzoom"  # ... under this key of its ``kv_transfer_params``
 
 
 _FREED_KEEP = 4096  # the log of freed blocks keeps the most recent ones only (a server runs for long)
@@ -30,6 +32,9 @@ class TokenZoomSchedulerMixin:
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        results = getattr(model_runner_output, RESULTS_ATTR, None)
+        if results:
+            _attach_results(outputs, results)
         report = getattr(model_runner_output, REPORT_ATTR, None)
         if report:
             for req_id, logical_blocks in report.items():
@@ -56,6 +61,16 @@ class TokenZoomSchedulerMixin:
         self.tokenzoom_freed += [(req_id, j, block.block_id) for j, block in freed]
         del self.tokenzoom_freed[:-_FREED_KEEP]
         logger.debug("tokenzoom freed blocks %s of %s", [b.block_id for _, b in freed], req_id)
+
+
+def _attach_results(outputs, results: dict[str, dict]) -> None:
+    """Policies' results for the caller (VOA's keyframes) ride on the request's output of this
+    step, in ``kv_transfer_params`` (vLLM's per-request channel from the engine core to the
+    ``RequestOutput``; a KV connector's own params are kept)."""
+    for engine_outputs in outputs.values():
+        for out in engine_outputs.outputs:
+            if out.request_id in results:
+                out.kv_transfer_params = {**(out.kv_transfer_params or {}), RESULTS_KEY: results[out.request_id]}
 
 
 def with_mixin(base: type) -> type:
