@@ -82,3 +82,23 @@ def test_voa_chosen_per_request_next_to_the_engines_method(tiny_model, reference
     assert outputs[0]["num_prompt_tokens"] == reference(VIDEOS[1]).num_prompt_tokens
     plain = dense.generate(load_video(VIDEOS[0]), chat_prompt(dense.processor.tokenizer), TTM(prune_ratio=0.7), 12)
     assert outputs[1]["tokens"] == plain.tokens
+
+
+def test_voa_after_preemption_matches_reference(tiny_model, reference):
+    """Two 8-frame requests whose second passes (5-block prompts of 128 tokens) fit an 11-block
+    pool together but cannot both decode 140 tokens: one is preempted and recomputed, ATA's
+    adjustments replayed (never re-decided); both equal the reference."""
+    few = dataclasses.replace(ATA_, drops=2)  # few deletions: no block comes back, so KV pressure preempts
+    batch = [dict(frames=8, seed=96, max_tokens=140), dict(frames=8, seed=97, max_tokens=140)]
+    result = run_offline(tiny_model, batch, {"tokenzoom": methods(voa=VOA_, ata=few)}, batch=True, trace=True,
+                         llm_kwargs={"num_gpu_blocks_override": 11, "max_model_len": 1280})
+    assert sum(o["num_preemptions"] for o in result["outputs"]) >= 1
+    for request, got in zip(batch, result["outputs"]):
+        assert_matches(got, reference(request, few))
+
+
+def test_a_second_pass_that_cannot_fit_is_refused_at_the_request(tiny_model):
+    """Before any pass runs: a prompt that fits now but not with the keyframes is an error
+    naming --max-model-len (the engine serves on: the next request is answered)."""
+    with pytest.raises(RuntimeError, match=r"voa: the second pass's prompt would be \d+ tokens .* --max-model-len 600"):
+        run_offline(tiny_model, [VIDEOS[0]], {"tokenzoom": methods(voa=VOA_)}, llm_kwargs={"max_model_len": 600})

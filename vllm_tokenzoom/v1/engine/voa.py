@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 from dataclasses import dataclass
 
 from vllm_tokenzoom import requests
@@ -76,6 +77,26 @@ class Passes:
         first.max_tokens = s if params.max_tokens is None else min(s, params.max_tokens)
         first.min_tokens = min(params.min_tokens, first.max_tokens)
         return cls(config, params, first)
+
+    def check_fits(self, prompt: dict, model_config, encoder_cache_size: int) -> None:
+        """Refuse at the request, before any pass runs, a second pass the engine could not take
+        (its prompt over ``max_model_len``, its video over vLLM's encoder cache)."""
+        (place,) = prompt["mm_placeholders"]["video"]
+        (item,) = prompt["mm_kwargs"]["video"]
+        num_frames = int(item["pixel_values_videos"].data.shape[0])
+        vision = model_config.hf_config.vision_config
+        frame_tokens = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # OneVision pools 2x per side
+        video = place.length + min(self.voa.keyframes, len(self.voa.overview_frames(num_frames))) * frame_tokens
+        length = len(prompt["prompt_token_ids"]) - place.length + video + self.voa.probe_tokens
+        if length > model_config.max_model_len:
+            raise _validation_error(f"voa: the second pass's prompt would be {length} tokens (the overview, "
+                                    f"{self.voa.keyframes} keyframes and {self.voa.probe_tokens} tokens), over "
+                                    f"--max-model-len {model_config.max_model_len}; raise it, or send fewer "
+                                    "keyframes (voa.keyframes)")
+        if video > encoder_cache_size:
+            raise _validation_error(f"voa: the second pass's video would be {video} tokens, over vLLM's encoder "
+                                    f"cache of {encoder_cache_size}; raise --max-num-batched-tokens (it sizes that "
+                                    "cache) to at least that, or send fewer keyframes (voa.keyframes)")
 
     def seen(self, out) -> None:
         """Gather a first-pass output (cumulative and final outputs hold all so far, deltas the new)."""
@@ -205,6 +226,7 @@ def async_generate(orig):
             async for out in orig(self, prompt, sampling_params, request_id, *args, **kwargs):
                 yield out
             return
+        passes.check_fits(prompt, self.model_config, self.input_processor.mm_encoder_cache_size)
         first = None
         async for out in orig(self, prompt, passes.first_params, request_id, *args, **kwargs):
             passes.seen(out)
@@ -232,6 +254,7 @@ def engine_add_request(orig):
         passes = Passes.of(self.model_config, prompt, params)
         if passes is None:
             return orig(self, request_id, prompt, params, *args, **kwargs)
+        passes.check_fits(prompt, self.model_config, self.input_processor.mm_encoder_cache_size)
         if not hasattr(self, "tokenzoom_passes"):
             self.tokenzoom_passes = {}
         self.tokenzoom_passes[request_id] = (passes, prompt, args, kwargs, False)
