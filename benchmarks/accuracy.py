@@ -101,6 +101,8 @@ def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]
         out += [(f"ata every={e} copies=drops={m}" + (" (default)" if (e, m) == (3, 10) else ""), "ata",
                  {"methods": {"ata": {"every": e, "copies": m, "drops": m}}})
                 for e, m in ([(3, 10)] if quick else [(3, 10), (1, 10), (1, 100)])]
+        # one-word answers end before token s = 20: VOA's answer here is its overview pass's
+        out += [("voa (overview: 22/32 frames at 10x10)", "voa", {"methods": {"voa": {}}})]
     return out
 
 
@@ -138,7 +140,9 @@ def run_setting(model: str, name: str, config: dict | None, questions, tokenizer
     t0 = time.perf_counter()
     result = run_offline(model, requests, {"tokenzoom": config} if config is not None else {},
                          batch=chunk, timeout=7200, trace=traced,
-                         llm_kwargs={"mm_processor_cache_gb": 2, "max_num_seqs": chunk,
+                         # VOA's second pass is built from the first's processed video: no processor cache
+                         llm_kwargs={"mm_processor_cache_gb": 0 if parsed is not None and parsed.voa else 2,
+                                     "max_num_seqs": chunk,
                                      "max_num_batched_tokens": 8192})  # a 32-frame video: 6,273 tokens
     seconds = time.perf_counter() - t0
     dp = parsed.dp if parsed is not None else None

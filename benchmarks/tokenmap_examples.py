@@ -8,7 +8,8 @@ On this task the flashes (the 2 x 2 cells the answers are about) are what a good
     python benchmarks/tokenmap_examples.py [--model checkpoints/videoqa-deep] [--clip 0]
 
 ``ata`` answers in one word here (no sentence ends): its example treats every token as a
-sentence end and adjusts 100 entries a step, to show what it does.
+sentence end and adjusts 100 entries a step, to show what it does. ``voa`` chooses 4
+keyframes after 4 tokens (its second pass is drawn: the overview, then the keyframes).
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def examples(vocab: int) -> dict[str, dict]:
         "dycoke": {"preset": "dycoke"},
         "cascade": {"preset": "cascade"},
         "ata": {"methods": {"ata": every_token}},
+        # the answer is a word: the keyframes are chosen after 4 tokens, not ZoomVLM's 20
+        "voa": {"methods": {"voa": {"probe_tokens": 4, "keyframes": 4}}},
         "random_drop": {"methods": {"random_drop": {"keep_ratio": 0.3}}},
         "frame_sampling": {"methods": {"frame_sampling": {"keep_ratio": 0.3}}},
         "spatial_pool": {"methods": {"spatial_pool": {"keep_ratio": 0.25}}},
@@ -55,8 +58,9 @@ def main(argv=None) -> None:
     for name, config in examples(vocab).items():
         where = Path(tempfile.mkdtemp(prefix="tokenmap-"))
         result = run_offline(args.model, [request], {"tokenzoom": config}, env={"TOKENZOOM_TRACE_DIR": str(where)})
-        (path,) = where.glob("*.json")
-        record = json.loads(path.read_text())
+        # one record per engine request: VOA's are two passes, the second (the longer prompt) is drawn
+        records = [json.loads(p.read_text()) for p in where.glob("*.json")]
+        record = max(records, key=lambda r: r["num_prompt_tokens"])
         record["request_id"] = (f"{name}, clip {seed}: {question.text!r} -> "
                                f"{result['outputs'][0]['text'].strip()!r} (truth: {question.answer!r})")
         print(tokenmap.render(record, OUT / f"{name}.png"), flush=True)

@@ -74,3 +74,18 @@ def test_offline_requests_leave_records_that_render(tiny_model, tmp_path, method
     png = tmp_path / "map.png"
     tokenmap.main([str(path), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_voa_record_draws_the_overview_and_the_keyframes_apart(tmp_path):
+    """A VOA video's cells are its 2 x 2 overview grid, then its 3 x 3 full grid: two panels,
+    the full grid grey but for the keyframe (frame 1)."""
+    frames = [0, 0, 0, 0, 2, 2, 2, 2] + [1] * 9
+    cells = [0, 1, 2, 3] * 2 + list(range(4, 13))
+    record = {"request_id": "voa", "num_layers": 4, "num_prompt_tokens": 30, "cells": [13], "pooled_cells": [4],
+              "methods": {}, "position": list(range(1, 18)), "video": [0] * 17, "frame": frames, "cell": cells,
+              "death": [3] * 17, "decisions": {}}
+    overview, full = tokenmap.video_states(record)
+    assert overview.reached.shape == (3, 4) and full.reached.shape == (3, 9)
+    assert overview.reached[[0, 2]].all() and not overview.reached[1].any()
+    assert full.reached[1].all() and not full.reached[[0, 2]].any()
+    assert tokenmap.render(record, tmp_path / "voa.png").stat().st_size > 0

@@ -102,3 +102,11 @@ def test_a_second_pass_that_cannot_fit_is_refused_at_the_request(tiny_model):
     naming --max-model-len (the engine serves on: the next request is answered)."""
     with pytest.raises(RuntimeError, match=r"voa: the second pass's prompt would be \d+ tokens .* --max-model-len 600"):
         run_offline(tiny_model, [VIDEOS[0]], {"tokenzoom": methods(voa=VOA_)}, llm_kwargs={"max_model_len": 600})
+
+
+def test_a_raw_prompt_to_the_engine_runs_both_passes(tiny_model, reference):
+    """``LLMEngine.add_request`` with a prompt dict (vLLM renders it itself): rendered first,
+    then the same two passes."""
+    out = run_offline(tiny_model, [{**VIDEOS[0], "raw_engine": True}], {"tokenzoom": methods(voa=VOA_)})["outputs"][0]
+    assert out["tokens"] == reference(VIDEOS[0]).tokens
+    assert out["num_prompt_tokens"] == reference(VIDEOS[0]).num_prompt_tokens

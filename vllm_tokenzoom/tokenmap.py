@@ -83,12 +83,12 @@ def video_states(record: dict) -> list[VideoState]:
         dp_read /= len(dp_steps)
     counts = ata_counts(record) if record["decisions"].get("ata") else None
     out = []
-    for v, cells in enumerate(record["cells"]):
-        mine = video == v
-        if cells <= 0 or not mine.any() or (frame[mine] < 0).any():
+    for v, cells, lo in _grids(record):
+        mine = (video == v) & (cell >= lo) & (cell < lo + cells)
+        if cells <= 0 or not (video == v).any() or (frame[video == v] < 0).any():
             raise ValueError(f"video {v}: the record does not say where its tokens came from")
-        frames = int(frame[mine].max()) + 1
-        index = frame[mine] * cells + cell[mine]
+        frames = int(frame[video == v].max()) + 1
+        index = frame[mine] * cells + cell[mine] - lo
 
         def grid(values):
             g = np.full(frames * cells, np.nan)
@@ -100,6 +100,21 @@ def video_states(record: dict) -> list[VideoState]:
         out.append(VideoState(reached.reshape(frames, cells), grid(held),
                               None if dp_read is None else grid(dp_read), None if counts is None else grid(counts)))
     return out
+
+
+def _grids(record: dict) -> list[tuple[int, int, int]]:
+    """Per drawn grid: (its video, its cells per frame, its first cell). A VOA video is two
+    grids: its pooled overview cells, then its full-resolution cells (grey but the keyframes)."""
+    pooled = record.get("pooled_cells") or [0] * len(record["cells"])
+    out = []
+    for v, (n, p) in enumerate(zip(record["cells"], pooled)):
+        out += [(v, p, 0), (v, n - p, p)] if p else [(v, n, 0)]
+    return out
+
+
+def _label(record: dict, video: int, first_cell: int) -> str:
+    pooled = (record.get("pooled_cells") or [0] * len(record["cells"]))[video]
+    return f"video {video}" + ("" if not pooled else " overview" if first_cell == 0 else " keyframes")
 
 
 def count_colors(count: np.ndarray) -> np.ndarray:
@@ -159,13 +174,15 @@ def render(record: dict, out: str | Path) -> Path:
     fig, axes = plt.subplots(len(heights), len(states), figsize=(8 * len(states), 8 * sum(heights) + 1),
                              squeeze=False, gridspec_kw={"height_ratios": heights})
     methods = ", ".join(record["methods"]) or "pre-LLM only"
-    for v, state in enumerate(states):
+    for v, (state, (video, cells, lo)) in enumerate(zip(states, _grids(record))):
         axes[0][v].imshow(grids[v], interpolation="nearest")
-        axes[0][v].set_title(f"video {v}: prefill (grey: before the LLM; orange: left during prefill)", fontsize=8)
+        axes[0][v].set_title(f"{_label(record, video, lo)}: prefill (grey: before the LLM; orange: left during "
+                             "prefill)", fontsize=8)
         if decoding:
             axes[1][v].imshow(mosaic(decode_colors(state)), interpolation="nearest")
             axes[1][v].set_title("decode (green: share dp read; blue: ata copies; black: ata deleted)", fontsize=8)
-            mine = np.asarray(record["video"]) == v
+            cell = np.asarray(record["cell"])
+            mine = (np.asarray(record["video"]) == video) & (cell >= lo) & (cell < lo + cells)
             axes[2][v].imshow(count_colors(timeline[:, mine].T), aspect="auto", interpolation="nearest")
             axes[2][v].set_title(f"over decode steps (columns: {len(positions)} decisions; rows: visual tokens)",
                                  fontsize=8)

@@ -26,6 +26,7 @@ class TokenMap:
     cell: torch.Tensor  # [V] int64, -1 when unknown
     cells: tuple[int, ...]  # per video: cells per frame
     newlines: tuple[int, ...]  # per video: the position of its newline token
+    pooled: tuple[int, ...] = ()  # per video: cells of its pooled overview grid, before its full grid (VOA)
 
     @property
     def num_visual(self) -> int:
@@ -52,7 +53,8 @@ class TokenMap:
         cat = (lambda j: torch.cat([p[j] for p in parts])) if parts else (lambda j: empty)
         return cls(num_prompt_tokens, cat(0), cat(1), cat(2), cat(3),
                    tuple(-1 if k is None else k.cells for k in kept),
-                   tuple(offset + length - 1 for offset, length in spans))
+                   tuple(offset + length - 1 for offset, length in spans),
+                   tuple(0 if k is None else k.pooled for k in kept))
 
     def frame_of(self, position: int) -> tuple[int, int, int] | None:
         """(video, frame, cell) of the token at ``position``, or None when it is not visual."""

@@ -132,6 +132,7 @@ class KeptTokens:
     frame: torch.Tensor  # [K] int64
     cell: torch.Tensor  # [K] int64
     cells: int
+    pooled: int = 0  # VOA: a frame's first ``pooled`` cells are its overview grid, the rest its full grid
 
     @classmethod
     def from_source(cls, source: torch.Tensor, cells: int) -> "KeptTokens":

@@ -140,7 +140,7 @@ class VOA(PreLLMPolicy):
         frame = torch.cat((overview.repeat_interleave(g2), chosen.repeat_interleave(n)))
         cell = torch.cat((torch.arange(g2, device=frames.device).repeat(len(overview)),
                           g2 + torch.arange(n, device=frames.device).repeat(len(chosen))))
-        return tokens, KeptTokens(frame, cell, g2 + n)
+        return tokens, KeptTokens(frame, cell, g2 + n, pooled=g2)
 
     # -- the first pass's decode-stage part ------------------------------------------------------
     def probe(self) -> "KeyframeProbe | None":

@@ -33,7 +33,8 @@ def run_offline(model_dir: str, requests: list[dict[str, Any]], additional_confi
                 timeout: float = 600, trace: bool = False, idle_sessions: bool = False) -> dict[str, Any]:
     """Each request: ``frames`` (0: a text-only prompt), ``seed`` (a synthetic video),
     ``video_file`` or ``videoqa_clip`` (a clip seed of ``testing.videoqa``); ``max_tokens``;
-    ``question``; ``stop_at_eos``; ``tokenzoom`` (the request's own setting: ``extra_args``). ``plugins=False`` runs vanilla vLLM (no
+    ``question``; ``stop_at_eos``; ``tokenzoom`` (the request's own setting: ``extra_args``);
+    ``raw_engine`` (the prompt dict straight to ``LLMEngine.add_request``). ``plugins=False`` runs vanilla vLLM (no
     general plugins loaded at all). ``warmup`` requests run first and are not reported.
     ``batch=True`` sends all requests in one ``generate`` call (no per-request kept tokens; the
     in-LLM traces are per request, the last 256 requests' are kept);
@@ -121,7 +122,10 @@ def _child() -> None:
     def run(req):
         prompt = prompt_of(req)
         t0 = time.perf_counter()
-        (out,) = llm.generate([prompt], params_of(req), use_tqdm=False)
+        if req.get("raw_engine"):  # the prompt dict straight to LLMEngine.add_request (vLLM renders it)
+            out = _engine_generate(llm.llm_engine, prompt, params_of(req))
+        else:
+            (out,) = llm.generate([prompt], params_of(req), use_tqdm=False)
         return result(out, time.perf_counter() - t0, alone=True)
 
     for req in job["warmup"]:
@@ -148,6 +152,17 @@ def _child() -> None:
         time.sleep(1.0)
         extra["idle_sessions"] = llm.apply_model(readers._live_sessions)[0]
     print("RESULT " + json.dumps(dict(load_s=load_s, outputs=outputs, reports=reports, **extra)), flush=True)
+
+
+def _engine_generate(engine, prompt: dict, params):
+    """One request through ``LLMEngine.add_request`` and ``step`` (no ``LLM`` rendering)."""
+    import uuid
+
+    engine.add_request(f"raw-{uuid.uuid4().hex[:8]}", prompt, params)
+    done = None
+    while engine.has_unfinished_requests():
+        done = next((o for o in engine.step() if o.finished), done)
+    return done
 
 
 def _live_sessions(model) -> int:

@@ -54,18 +54,22 @@ class Passes:
         return self.config.methods["voa"]
 
     @classmethod
-    def of(cls, model_config, prompt, params) -> "Passes | None":
-        """The request's passes, or None when it is not a VOA request with one video."""
+    def of(cls, engine, prompt, params, tokenization_kwargs=None) -> "tuple[Passes | None, object]":
+        """(The request's passes, or None when it is not a VOA request with one video; the
+        prompt, rendered if it came raw: the passes are built from the rendered input)."""
         from vllm.sampling_params import SamplingParams
 
         from vllm_tokenzoom.models.llava_onevision import config_of
 
-        if not isinstance(params, SamplingParams) or not isinstance(prompt, dict):
-            return None
-        config = config_of(model_config.hf_config, text=requests.from_extra_args(params.extra_args))
+        if not isinstance(params, SamplingParams):
+            return None, prompt
+        config = config_of(engine.model_config.hf_config, text=requests.from_extra_args(params.extra_args))
         voa = None if config is None else config.methods.get("voa")
-        if voa is None or voa.chosen is not None or prompt.get("type") != "multimodal":
-            return None
+        if voa is None or voa.chosen is not None:
+            return None, prompt
+        prompt = _rendered(engine, prompt, tokenization_kwargs)
+        if not isinstance(prompt, dict) or prompt.get("type") != "multimodal":
+            return None, prompt
         places = prompt["mm_placeholders"]
         if list(places) != ["video"] or len(places["video"]) != 1:
             raise _validation_error(f"voa takes one video and no other media per request; this one has "
@@ -76,7 +80,9 @@ class Passes:
         first = params.clone()
         first.max_tokens = s if params.max_tokens is None else min(s, params.max_tokens)
         first.min_tokens = min(params.min_tokens, first.max_tokens)
-        return cls(config, params, first)
+        passes = cls(config, params, first)
+        passes.check_fits(prompt, engine.model_config, engine.input_processor.mm_encoder_cache_size)
+        return passes, prompt
 
     def check_fits(self, prompt: dict, model_config, encoder_cache_size: int) -> None:
         """Refuse at the request, before any pass runs, a second pass the engine could not take
@@ -188,6 +194,19 @@ class Passes:
         return out
 
 
+def _rendered(engine, prompt, tokenization_kwargs):
+    """A raw prompt (text, or a dict of prompt and multi_modal_data) rendered as vLLM's input
+    processor renders it (its deprecated raw-prompt path); a rendered one as it is."""
+    if isinstance(prompt, dict) and "type" in prompt or not isinstance(prompt, (str, dict)):
+        return prompt
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    renderer = engine.input_processor.renderer
+    params = renderer.default_cmpl_tok_params.with_kwargs(**(tokenization_kwargs or {}))
+    (rendered,) = renderer.render_cmpl([parse_model_prompt(engine.model_config, prompt)], params)
+    return rendered
+
+
 def _code_elem(text: str):
     import torch
     from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
@@ -221,12 +240,11 @@ def async_generate(orig):
     """``AsyncLLM.generate``: a VOA request's two passes as one stream of outputs."""
 
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
-        passes = Passes.of(self.model_config, prompt, sampling_params)
+        passes, prompt = Passes.of(self, prompt, sampling_params, kwargs.get("tokenization_kwargs"))
         if passes is None:
             async for out in orig(self, prompt, sampling_params, request_id, *args, **kwargs):
                 yield out
             return
-        passes.check_fits(prompt, self.model_config, self.input_processor.mm_encoder_cache_size)
         first = None
         async for out in orig(self, prompt, passes.first_params, request_id, *args, **kwargs):
             passes.seen(out)
@@ -251,10 +269,9 @@ def engine_add_request(orig):
     """``LLMEngine.add_request``: a VOA request enters as its first pass (remembered for ``step``)."""
 
     def add_request(self, request_id, prompt, params, *args, **kwargs):
-        passes = Passes.of(self.model_config, prompt, params)
+        passes, prompt = Passes.of(self, prompt, params, kwargs.get("tokenization_kwargs"))
         if passes is None:
             return orig(self, request_id, prompt, params, *args, **kwargs)
-        passes.check_fits(prompt, self.model_config, self.input_processor.mm_encoder_cache_size)
         if not hasattr(self, "tokenzoom_passes"):
             self.tokenzoom_passes = {}
         self.tokenzoom_passes[request_id] = (passes, prompt, args, kwargs, False)
