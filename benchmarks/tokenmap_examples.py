@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="checkpoints/videoqa-deep")
     ap.add_argument("--clip", type=int, default=0, help="which test clip")
     ap.add_argument("--tokens", type=int, default=8, help="tokens generated (ignore_eos)")
+    ap.add_argument("--only", help="comma-separated example names (default: all)")
     args = ap.parse_args(argv)
     seed = videoqa.split_seeds("test", args.clip + 1)[args.clip]
     clip = videoqa.make_clip(seed, render=False)
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     request = dict(videoqa_clip=seed, question=question.text, max_tokens=args.tokens)
     OUT.mkdir(parents=True, exist_ok=True)
     for name, config in examples(vocab).items():
+        if args.only and name not in args.only.split(","):
+            continue
         where = Path(tempfile.mkdtemp(prefix="tokenmap-"))
         result = run_offline(args.model, [request], {"tokenzoom": config}, env={"TOKENZOOM_TRACE_DIR": str(where)})
         # one record per engine request: VOA's are two passes, the second (the longer prompt) is drawn

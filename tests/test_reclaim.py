@@ -62,12 +62,16 @@ def test_permanent_evictions_are_never_revived():
         session.view.push("evict", 0, 12, torch.ones(490), permanent=True)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync scheduler", "async scheduler"])
+def runs(tiny_model, request):
+    """The same requests with blocks given back and with the eviction as a mask only, on vLLM's
+    sync or async scheduler (the async one's report rides on the output it wraps)."""
     kwargs = dict(additional_config=DYCOKE, batch=True, preload=["tests.evict_hook"])
+    scheduling = {"async_scheduling": request.param}
     return dict(
-        freeing=run_offline(tiny_model, REQUESTS, llm_kwargs=TIGHT, **kwargs),
-        mask_only=run_offline(tiny_model, REQUESTS, env={"TOKENZOOM_TEST_NO_RECLAIM": "1"}, **kwargs),
+        freeing=run_offline(tiny_model, REQUESTS, llm_kwargs={**TIGHT, **scheduling}, **kwargs),
+        mask_only=run_offline(tiny_model, REQUESTS, env={"TOKENZOOM_TEST_NO_RECLAIM": "1"}, llm_kwargs=scheduling,
+                              **kwargs),
     )
 
 
