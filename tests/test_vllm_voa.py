@@ -110,3 +110,11 @@ def test_a_raw_prompt_to_the_engine_runs_both_passes(tiny_model, reference):
     out = run_offline(tiny_model, [{**VIDEOS[0], "raw_engine": True}], {"tokenzoom": methods(voa=VOA_)})["outputs"][0]
     assert out["tokens"] == reference(VIDEOS[0]).tokens
     assert out["num_prompt_tokens"] == reference(VIDEOS[0]).num_prompt_tokens
+
+
+def test_the_vision_tower_encodes_the_overview_frames_only(tiny_model, reference):
+    """16 frames: the overview is 11 of them and the keyframes are among those, so each pass
+    encodes 11 frames, not 16; the answer is still the reference's."""
+    result = run_offline(tiny_model, [VIDEOS[0]], {"tokenzoom": methods(voa=VOA_)}, preload=["tests.tower_frames_hook"])
+    assert result["outputs"][0]["tokens"] == reference(VIDEOS[0]).tokens
+    assert result["reports"]["tests.tower_frames_hook"][-2:] == [11, 11]

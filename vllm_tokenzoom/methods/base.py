@@ -119,8 +119,13 @@ class PreLLMPolicy(Policy):
     def num_kept_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         raise NotImplementedError
 
+    def frames_used(self, num_frames: int) -> list[int] | None:
+        """The frames ``apply`` reads (the vision tower runs on these only); None: all."""
+        return None
+
     def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, "KeptTokens"]:
-        """frames: [T, N, D] -> (kept tokens [K, D], where each came from)."""
+        """frames: [T, N, D] -> (kept tokens [K, D], where each came from). Frames outside
+        ``frames_used`` hold zeros."""
         raise NotImplementedError
 
 

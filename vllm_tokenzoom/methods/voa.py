@@ -118,6 +118,10 @@ class VOA(PreLLMPolicy):
             raise ValueError(f"voa.chosen = {list(self.chosen)} names a frame the video does not have; allowed: "
                              f"frame indices < {num_frames} (its number of frames)")
 
+    def frames_used(self, num_frames: int) -> list[int]:
+        """The overview's frames and the keyframes (the vision tower runs on these only)."""
+        return sorted(set(self.overview_frames(num_frames)) | set(self.chosen or ()))
+
     def num_kept_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         self.check_frames(num_frames)
         return len(self.overview_frames(num_frames)) * self.grid ** 2 + len(self.chosen or ()) * tokens_per_frame

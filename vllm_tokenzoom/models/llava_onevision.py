@@ -146,19 +146,36 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         return super().embed_multimodal(**kwargs)
 
     def _process_video_pixels(self, inputs):
+        pixels = inputs["pixel_values_videos"]
+        frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
+        policies = None
+        if self.tokenzoom is not None:
+            own = self.tokenzoom_videos or [None] * len(frames)
+            policies = [self.tokenzoom_for(text).pre_llm for text in own]
+            used = [None if p is None else p.frames_used(t) for p, t in zip(policies, frames)]
+            if any(u is not None for u in used):  # the tower runs on the frames a policy reads only
+                # the stock method reads only the pixels (a plain mapping serves it)
+                inputs = {"pixel_values_videos": [v if u is None else v[u] for v, u in zip(pixels, used)]}
         videos = super()._process_video_pixels(inputs)
         if not isinstance(videos, torch.Tensor):
             # Upstream bug (vLLM 0.32): videos of different lengths in one batch take this list
             # path, which returns [1, N, D] per video; vLLM's own sanity check wants [N, D] and
             # the engine dies. Every video is returned as [N, D] here, tokenzoom on or off.
             videos = [video[0] for video in videos]
-        if self.tokenzoom is None:
+        if policies is None:
             return videos
-        pixels = inputs["pixel_values_videos"]
-        frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
-        own = self.tokenzoom_videos or [None] * len(videos)
-        policies = [self.tokenzoom_for(text).pre_llm for text in own]
-        return [self._apply_pre_llm(video, num_frames, policy) for video, num_frames, policy in zip(videos, frames, policies)]
+        return [self._apply_pre_llm(self._all_frames(video, t, p), t, p) for video, t, p in zip(videos, frames, policies)]
+
+    @staticmethod
+    def _all_frames(video: torch.Tensor, num_frames: int, policy) -> torch.Tensor:
+        """video: [F * N + 1, D] over ``policy.frames_used`` -> [T * N + 1, D], zeros in the frames not used."""
+        used = None if policy is None else policy.frames_used(num_frames)
+        if used is None or len(used) == num_frames:
+            return video
+        per_frame = (video.shape[0] - 1) // len(used)
+        full = video.new_zeros(num_frames, per_frame, video.shape[-1])
+        full[torch.tensor(used, device=video.device)] = video[:-1].view(len(used), per_frame, -1)
+        return torch.cat((full.flatten(0, 1), video[-1:]))
 
     def _apply_pre_llm(self, video: torch.Tensor, num_frames: int, policy) -> torch.Tensor:
         """video: [T*N + 1, D] (tokens, then the newline) -> [K + 1, D], carrying ``tokenzoom_kept``."""
