@@ -174,3 +174,22 @@ def test_a_served_request_leaves_a_token_map_record(client, videos, records, tmp
     assert len(record["decisions"]["dp"]) == 5  # one selection per decode step
     tokenmap.main([str(path), "--out", str(tmp_path / "map.png")])
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+def metric(server, name: str, method: str) -> float:
+    with urllib.request.urlopen(server[0] + "/metrics") as r:
+        metrics = r.read().decode()
+    found = re.findall(rf'^{re.escape(name)}\{{[^}}]*method="{method}"[^}}]*\}} (\S+)$', metrics, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_metrics_count_each_request_s_visual_tokens(client, videos, server):
+    """/metrics: tokenzoom:visual_tokens_in_total and _kept_total grow by exactly one request's
+    counts (16 frames x 196 in; TTM K=0.7 keeps its count), labelled by the pre-LLM method;
+    a repeated video (the processor cache sends it without pixels) counts the same."""
+    names = ("tokenzoom:visual_tokens_in_total", "tokenzoom:visual_tokens_kept_total")
+    for _ in range(2):
+        before = [metric(server, n, "ttm") for n in names]
+        ask(client, data_url(videos[0]))
+        after = [metric(server, n, "ttm") for n in names]
+        assert [b - a for a, b in zip(before, after)] == [16 * 196, TTM_.num_kept_tokens(16, 196)]

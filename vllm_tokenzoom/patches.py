@@ -350,9 +350,22 @@ def _with_request_setting(orig):
                 raise VLLMValidationError(f"vllm_xargs.{e}", parameter="vllm_xargs", value=xargs[XARG]) from None
             xargs[XARG] = text
             request.mm_processor_kwargs = {**mm, MM_KEY: text}
-        return await orig(self, request, *args, **kwargs)
+        rendered = await orig(self, request, *args, **kwargs)
+        _count_visual_tokens(rendered, self.model_config, xargs.get(XARG))
+        return rendered
 
     return preprocess
+
+
+def _count_visual_tokens(rendered, model_config, text) -> None:
+    """tokenzoom's metrics of a rendered request (``metrics.py``), when tokenzoom is on."""
+    from vllm_tokenzoom.metrics import count_rendered
+    from vllm_tokenzoom.models.llava_onevision import config_of
+
+    config = config_of(model_config.hf_config, text=text)
+    if config is not None:
+        inputs = rendered[1] if isinstance(rendered, tuple) else rendered  # chat: (conversation, inputs)
+        count_rendered(inputs, model_config, config)
 
 
 def _one_by_one_with_setting(orig):

@@ -53,6 +53,15 @@ def config_of(hf_config, tokenizer=None, text: str | None = None):
     return parse_config({"tokenzoom": resolved}).for_model(layers, tokenizer)
 
 
+def frame_tokens(hf_config) -> int:
+    """Visual tokens of one video frame at full resolution: the tower's patch grid, pooled 2x
+    per side by OneVision (384 px, patch 14: 27 x 27 -> 14 x 14 = 196)."""
+    import math
+
+    vision = hf_config.vision_config
+    return math.ceil(vision.image_size // vision.patch_size / 2) ** 2
+
+
 def _tokenizer(model_config):
     """The model's tokenizer (vLLM refuses ``--skip-tokenizer-init`` for this model's processor)."""
     from vllm.tokenizers.registry import cached_tokenizer_from_config

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import math
 from dataclasses import dataclass
 
 from vllm_tokenzoom import requests
@@ -90,9 +89,10 @@ class Passes:
         (place,) = prompt["mm_placeholders"]["video"]
         (item,) = prompt["mm_kwargs"]["video"]
         num_frames = int(item["pixel_values_videos"].data.shape[0])
-        vision = model_config.hf_config.vision_config
-        frame_tokens = math.ceil(vision.image_size // vision.patch_size / 2) ** 2  # OneVision pools 2x per side
-        video = place.length + min(self.voa.keyframes, len(self.voa.overview_frames(num_frames))) * frame_tokens
+        from vllm_tokenzoom.models.llava_onevision import frame_tokens
+
+        keyframes = min(self.voa.keyframes, len(self.voa.overview_frames(num_frames)))
+        video = place.length + keyframes * frame_tokens(model_config.hf_config)
         length = len(prompt["prompt_token_ids"]) - place.length + video + self.voa.probe_tokens
         if length > model_config.max_model_len:
             raise _validation_error(f"voa: the second pass's prompt would be {length} tokens (the overview, "
