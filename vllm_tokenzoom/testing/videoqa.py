@@ -35,7 +35,7 @@ COLOURS = {  # flash colour name -> RGB (saturated, bright: unlike the muted bac
 }
 NUMBERS = ["zero", "one", "two", "three", "four"]
 KINDS = ("count", "first", "last", "presence", "order", "side", "describe")
-ANSWER_TOKENS = {"describe": 48}  # generation budget per kind (4 flashes: 40 tokens + end); others: 6
+ANSWER_TOKENS = {"describe": 24}  # generation budget per kind (4 flashes: 16 tokens + end); others: 6
 VERSION = 2  # bumped whenever the pixels a seed gives change (feature caches are keyed by it)
 SPLITS = {"train": 0, "val": 1_000_000, "test": 2_000_000}  # disjoint seed ranges
 
@@ -78,8 +78,8 @@ def answer_tokens(kind: str) -> int:
 
 
 def describe(flashes) -> str:
-    """The ``describe`` answer: two sentences per flash, in time order."""
-    return " ".join(f"the {f.colour} one. it is on the {f.side}." for f in flashes)
+    """The ``describe`` answer: two one-word sentences per flash, in time order ("red. left.")."""
+    return " ".join(f"{f.colour}. {f.side}." for f in flashes)
 
 
 def trained_kinds(checkpoint) -> tuple[str, ...]:
