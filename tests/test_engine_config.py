@@ -261,7 +261,7 @@ def test_voa_refusals_name_what_to_change(tiny_model):
     lines = _llm_attempts(tiny_model, [
         (voa, {"async_scheduling": True}),
         (voa, {"mm_processor_cache_gb": 2}),
-        ({"tokenzoom": {"preset": "zoomvlm"}}, {}),
+        ({"tokenzoom": {"methods": {"voa": {}}}}, {}),
         (voa, {}),
     ])
     assert lines[0].startswith("TokenZoomConfigError: --async-scheduling cannot run with tokenzoom method(s) 'voa'")
