@@ -71,8 +71,8 @@ class TokenZoomConfig:
     def decode(self) -> dict[str, Policy]:
         """The policies acting between decode steps: in VOA's first pass only its probe (the
         other decode methods act in the second pass, methods-spec §2.2 "Schedule")."""
-        probes = {name: p.probe() for name, p in self.stage(Stage.REQUEST).items() if p.probe() is not None}
-        return probes or self.stage(Stage.DECODE)
+        probes = {name: p.probe() for name, p in self.stage(Stage.REQUEST).items()}
+        return {name: p for name, p in probes.items() if p is not None} or self.stage(Stage.DECODE)
 
     @property
     def in_llm(self) -> dict[str, Policy]:

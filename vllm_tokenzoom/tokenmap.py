@@ -83,11 +83,12 @@ def video_states(record: dict) -> list[VideoState]:
         dp_read /= len(dp_steps)
     counts = ata_counts(record) if record["decisions"].get("ata") else None
     out = []
-    for v, cells, lo in _grids(record):
-        mine = (video == v) & (cell >= lo) & (cell < lo + cells)
-        if cells <= 0 or not (video == v).any() or (frame[video == v] < 0).any():
+    for v, cells, lo, _ in _grids(record):
+        ours = video == v
+        mine = ours & (cell >= lo) & (cell < lo + cells)
+        if cells <= 0 or not ours.any() or (frame[ours] < 0).any():
             raise ValueError(f"video {v}: the record does not say where its tokens came from")
-        frames = int(frame[video == v].max()) + 1
+        frames = int(frame[ours].max()) + 1
         index = frame[mine] * cells + cell[mine] - lo
 
         def grid(values):
@@ -102,19 +103,17 @@ def video_states(record: dict) -> list[VideoState]:
     return out
 
 
-def _grids(record: dict) -> list[tuple[int, int, int]]:
-    """Per drawn grid: (its video, its cells per frame, its first cell). A VOA video is two
-    grids: its pooled overview cells, then its full-resolution cells (grey but the keyframes)."""
+def _grids(record: dict) -> list[tuple[int, int, int, str]]:
+    """Per drawn grid: (its video, its cells per frame, its first cell, its label). A VOA video is
+    two grids: its pooled overview cells, then its full-resolution cells (grey but the keyframes)."""
     pooled = record.get("pooled_cells") or [0] * len(record["cells"])
     out = []
     for v, (n, p) in enumerate(zip(record["cells"], pooled)):
-        out += [(v, p, 0), (v, n - p, p)] if p else [(v, n, 0)]
+        if p:
+            out += [(v, p, 0, f"video {v} overview"), (v, n - p, p, f"video {v} keyframes")]
+        else:
+            out.append((v, n, 0, f"video {v}"))
     return out
-
-
-def _label(record: dict, video: int, first_cell: int) -> str:
-    pooled = (record.get("pooled_cells") or [0] * len(record["cells"]))[video]
-    return f"video {video}" + ("" if not pooled else " overview" if first_cell == 0 else " keyframes")
 
 
 def count_colors(count: np.ndarray) -> np.ndarray:
@@ -174,10 +173,9 @@ def render(record: dict, out: str | Path) -> Path:
     fig, axes = plt.subplots(len(heights), len(states), figsize=(8 * len(states), 8 * sum(heights) + 1),
                              squeeze=False, gridspec_kw={"height_ratios": heights})
     methods = ", ".join(record["methods"]) or "pre-LLM only"
-    for v, (state, (video, cells, lo)) in enumerate(zip(states, _grids(record))):
+    for v, (state, (video, cells, lo, label)) in enumerate(zip(states, _grids(record))):
         axes[0][v].imshow(grids[v], interpolation="nearest")
-        axes[0][v].set_title(f"{_label(record, video, lo)}: prefill (grey: before the LLM; orange: left during "
-                             "prefill)", fontsize=8)
+        axes[0][v].set_title(f"{label}: prefill (grey: before the LLM; orange: left during prefill)", fontsize=8)
         if decoding:
             axes[1][v].imshow(mosaic(decode_colors(state)), interpolation="nearest")
             axes[1][v].set_title("decode (green: share dp read; blue: ata copies; black: ata deleted)", fontsize=8)

@@ -30,6 +30,16 @@ DEFAULT_LAYERS = (10, 25)
 _CLOSERS = "\"'”’)]}»"
 
 
+def score_layer_range(first: int, last: int | None, num_layers: int) -> tuple[int, int]:
+    """ZoomVLM's layer set [first, last] for a model of ``num_layers``, checked; ``last`` unset:
+    25 or the model's last layer, whichever is lower (ATA's and VOA's)."""
+    if first >= num_layers or (last is not None and last >= num_layers):
+        what, value = ("first_score_layer", first) if first >= num_layers else ("last_score_layer", last)
+        raise TokenZoomConfigError(f"{what} = {value} is out of range for this model; allowed: 0 <= "
+                                   f"first_score_layer <= last_score_layer < {num_layers} (its number of decoder layers)")
+    return first, last if last is not None else min(DEFAULT_LAYERS[1], num_layers - 1)
+
+
 def sentence_end_ids(tokenizer) -> tuple[int, ...]:
     """The token ids whose decoded text ends a sentence (methods-spec §2.4.9), once per tokenizer."""
     special = set(tokenizer.all_special_ids)
@@ -96,16 +106,10 @@ class ATA(DecodePolicy):
                                        f"last_score_layer >= first_score_layer ({self.first_score_layer})")
 
     def check_model(self, num_layers: int) -> None:
-        last = self.last_score_layer
-        if self.first_score_layer >= num_layers or (last is not None and last >= num_layers):
-            what = "first_score_layer" if self.first_score_layer >= num_layers else "last_score_layer"
-            raise TokenZoomConfigError(
-                f"{what} = {getattr(self, what)} is out of range for this model; allowed: 0 <= first_score_layer "
-                f"<= last_score_layer < {num_layers} (its number of decoder layers)")
+        score_layer_range(self.first_score_layer, self.last_score_layer, num_layers)
 
     def for_model(self, num_layers: int, tokenizer=None) -> "ATA":
-        self.check_model(num_layers)
-        last = self.last_score_layer if self.last_score_layer is not None else min(DEFAULT_LAYERS[1], num_layers - 1)
+        _, last = score_layer_range(self.first_score_layer, self.last_score_layer, num_layers)
         ends = self.sentence_end_ids
         if ends is None and tokenizer is not None:
             ends = sentence_end_ids(tokenizer)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
+from vllm_tokenzoom.methods.ata import DEFAULT_LAYERS, score_layer_range
 from vllm_tokenzoom.methods.base import (
     IN_LLM,
     DecodePolicy,
@@ -35,19 +36,6 @@ from vllm_tokenzoom.methods.base import (
     ScoreRequest,
     Stage,
 )
-
-# ZoomVLM §5.1: layers "10-25" for LLaVA-OneVision (0-based, inclusive; methods-spec §2.4.6)
-DEFAULT_LAYERS = (10, 25)
-
-
-def score_layer_range(first: int, last: int | None, num_layers: int, name: str = "voa") -> tuple[int, int]:
-    """The layer set [first, last] for a model of ``num_layers``; ``last`` unset: 25 or the last layer."""
-    if first >= num_layers or (last is not None and last >= num_layers):
-        what, value = ("first_score_layer", first) if first >= num_layers else ("last_score_layer", last)
-        raise TokenZoomConfigError(f"{what} = {value} is out of range for this model; allowed: 0 <= "
-                                   f"first_score_layer <= last_score_layer < {num_layers} (its number of decoder layers)")
-    return first, last if last is not None else min(DEFAULT_LAYERS[1], num_layers - 1)
-
 
 @dataclass(frozen=True)
 class VOA(PreLLMPolicy):

@@ -21,6 +21,7 @@ With tokenzoom off (no ``tokenzoom`` attribute on the HF config) both are the st
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 
 import torch
@@ -56,8 +57,6 @@ def config_of(hf_config, tokenizer=None, text: str | None = None):
 def frame_tokens(hf_config) -> int:
     """Visual tokens of one video frame at full resolution: the tower's patch grid, pooled 2x
     per side by OneVision (384 px, patch 14: 27 x 27 -> 14 x 14 = 196)."""
-    import math
-
     vision = hf_config.vision_config
     return math.ceil(vision.image_size // vision.patch_size / 2) ** 2
 
@@ -157,7 +156,7 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
     def _process_video_pixels(self, inputs):
         pixels = inputs["pixel_values_videos"]
         frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
-        policies = None
+        policies = used = None
         if self.tokenzoom is not None:
             own = self.tokenzoom_videos or [None] * len(frames)
             policies = [self.tokenzoom_for(text).pre_llm for text in own]
@@ -173,12 +172,12 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
             videos = [video[0] for video in videos]
         if policies is None:
             return videos
-        return [self._apply_pre_llm(self._all_frames(video, t, p), t, p) for video, t, p in zip(videos, frames, policies)]
+        return [self._apply_pre_llm(self._all_frames(video, t, u), t, p)
+                for video, t, u, p in zip(videos, frames, used, policies)]
 
     @staticmethod
-    def _all_frames(video: torch.Tensor, num_frames: int, policy) -> torch.Tensor:
-        """video: [F * N + 1, D] over ``policy.frames_used`` -> [T * N + 1, D], zeros in the frames not used."""
-        used = None if policy is None else policy.frames_used(num_frames)
+    def _all_frames(video: torch.Tensor, num_frames: int, used: list[int] | None) -> torch.Tensor:
+        """video: [F * N + 1, D] over the frames ``used`` -> [T * N + 1, D], zeros in the frames not used."""
         if used is None or len(used) == num_frames:
             return video
         per_frame = (video.shape[0] - 1) // len(used)

@@ -86,11 +86,11 @@ class Passes:
     def check_fits(self, prompt: dict, model_config, encoder_cache_size: int) -> None:
         """Refuse at the request, before any pass runs, a second pass the engine could not take
         (its prompt over ``max_model_len``, its video over vLLM's encoder cache)."""
+        from vllm_tokenzoom.models.llava_onevision import frame_tokens
+
         (place,) = prompt["mm_placeholders"]["video"]
         (item,) = prompt["mm_kwargs"]["video"]
         num_frames = int(item["pixel_values_videos"].data.shape[0])
-        from vllm_tokenzoom.models.llava_onevision import frame_tokens
-
         keyframes = min(self.voa.keyframes, len(self.voa.overview_frames(num_frames)))
         video = place.length + keyframes * frame_tokens(model_config.hf_config)
         length = len(prompt["prompt_token_ids"]) - place.length + video + self.voa.probe_tokens
@@ -117,6 +117,13 @@ class Passes:
             self.logprobs = (self.logprobs or []) + list(done.logprobs)
         self.cumulative_logprob = done.cumulative_logprob
         self.first_prompt = list(out.prompt_token_ids or [])
+
+    def ended(self, prompt: dict, first_out, tokenizer) -> tuple[object, tuple | None]:
+        """The first pass ended with ``first_out``: (its last output as the caller sees it, or None;
+        the second pass's (engine input, params), or None when there is none)."""
+        goes_on = self.goes_on(first_out)
+        second = self.second(prompt, first_out, tokenizer) if goes_on else None  # reads the keyframes first
+        return self.shown_first(first_out, goes_on), second
 
     def goes_on(self, first_out) -> bool:
         """Whether the second pass runs: the first ran its s tokens, and the user wants more."""
@@ -252,9 +259,9 @@ def async_generate(orig):
                 first = out
                 break
             yield out
-        goes_on = first is not None and passes.goes_on(first)
-        second = passes.second(prompt, first, self.tokenizer) if goes_on else None
-        shown = passes.shown_first(first, goes_on) if first is not None else None
+        if first is None:
+            return
+        shown, second = passes.ended(prompt, first, self.tokenizer)
         if shown is not None:
             yield shown
         if second is None:
@@ -305,13 +312,12 @@ def engine_step(orig, add_request):
             if not out.finished:
                 shown.append(out)
                 continue
-            goes_on = passes.goes_on(out)
-            if goes_on:
-                add_request(self, out.request_id, *passes.second(prompt, out, self.tokenizer), *args, **kwargs)
+            view, second = passes.ended(prompt, out, self.tokenizer)
+            if second is not None:
+                add_request(self, out.request_id, *second, *args, **kwargs)
                 pending[out.request_id] = (passes, prompt, args, kwargs, True)
             else:
                 del pending[out.request_id]
-            view = passes.shown_first(out, goes_on)
             if view is not None:
                 shown.append(view)
         return shown

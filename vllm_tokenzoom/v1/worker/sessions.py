@@ -185,7 +185,7 @@ class RequestSession:
         """The decode policies' results for the caller (``DecodePolicy.result``), each handed out once."""
         out = {}
         for name, policy in self.decode.items():
-            if name not in self.results_given and name in self.states:
+            if policy.reports and name not in self.results_given and name in self.states:
                 result = policy.result(self.states[name])
                 if result is not None:
                     out[name] = result
@@ -210,7 +210,8 @@ class RequestSession:
         came from (video, frame, cell), its death layer, and every method's decisions."""
         tm = self.token_map
         return {"request_id": self.req_id, "num_layers": self.num_layers, "num_prompt_tokens": tm.num_prompt_tokens,
-                "cells": list(tm.cells), "pooled_cells": list(tm.pooled), "methods": {n: p.settings() for n, p in {**self.prefill, **self.decode}.items()},
+                "cells": list(tm.cells), "pooled_cells": list(tm.pooled),
+                "methods": {n: p.settings() for n, p in {**self.prefill, **self.decode}.items()},
                 "position": tm.positions.tolist(), "video": tm.video.tolist(), "frame": tm.frame.tolist(),
                 "cell": tm.cell.tolist(), "death": self.view.death.tolist(), "decisions": TRACES.get(self.req_id, {})}
 
