@@ -145,8 +145,12 @@ def prefix_forward(model, prompts: Prompts, embeds: torch.Tensor):
     return out.past_key_values, x.shape[1]
 
 
-def training_questions(clip: videoqa.Clip) -> list[videoqa.Question]:
-    """Every question of the task's kinds that the clip answers (about 10-25)."""
+ORDINALS = ("first", "second", "third", "fourth")
+
+
+def training_questions(clip: videoqa.Clip, ordinals: bool = False) -> list[videoqa.Question]:
+    """Every question of the task's kinds that the clip answers (about 10-25); ``ordinals``: also
+    the colour and side of the i-th flash, each (the sentences of ``describe``, asked one by one)."""
     colours = [f.colour for f in clip.flashes]
     qs = [q for q in videoqa.questions(clip) if q.kind in ("count", "first", "last")]
     qs += [videoqa.Question("presence", f"Is there a {c} flash?", "yes" if c in colours else "no") for c in videoqa.COLOURS]
@@ -154,6 +158,10 @@ def training_questions(clip: videoqa.Clip) -> list[videoqa.Question]:
     qs += [videoqa.Question("order", f"Is the {a} flash before the {b} flash?", "yes" if i < j else "no")
            for i, a in enumerate(colours) for j, b in enumerate(colours) if i != j]
     qs += [q for q in videoqa.questions(clip) if q.kind == "describe"]
+    if ordinals:  # the steps of ``describe``, one question each (training only)
+        qs += [videoqa.Question("nth", f"What colour is the {ORDINALS[i]} flash?", f.colour)
+               for i, f in enumerate(clip.flashes)]
+        qs += [videoqa.Question("nth", f"Where is the {ORDINALS[i]} flash?", f.side) for i, f in enumerate(clip.flashes)]
     return qs
 
 
@@ -281,6 +289,8 @@ def main(argv=None) -> None:
                          "this of the non-flash tokens (ramped in over 200 steps)")
     ap.add_argument("--found-loss", type=float, default=0.05,
                     help="curriculum: the running loss below which the flashes count as found")
+    ap.add_argument("--ordinals", action="store_true",
+                    help="also train on the colour and side of the i-th flash (describe's sentences one by one)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 8 clips, 20 steps")
     args = ap.parse_args(argv)
     if args.quick:
@@ -335,7 +345,7 @@ def main(argv=None) -> None:
             embeds = video_embeds(model, features(seed))  # [T*196 + 1, D]
             if share < 1.0:
                 embeds = torch.cat((embeds[curriculum_tokens(meta, share, rng)], embeds[-1:]))
-            loss = qa_loss(model, prompts, embeds, training_questions(meta))
+            loss = qa_loss(model, prompts, embeds, training_questions(meta, args.ordinals))
             (loss / clips).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -71,9 +71,44 @@ def test_vllm_serve_exits_on_bad_config_before_the_engine_starts(tiny_model):
     proc = subprocess.run([vllm_cli(), "serve", *cpu_serve_args(tiny_model), "--plugin", "tokenzoom",
                            "--additional-config", json.dumps(bad), "--port", "0"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "tokenzoom.methods.ttm.prune_ratio = 1.5 is out of range; allowed: 0.0 <= prune_ratio < 1.0" in proc.stderr
-    assert "EngineCore" not in proc.stderr + proc.stdout
+    assert proc.returncode == 2  # argparse's status for a bad argument
+    assert ("tokenzoom: error: tokenzoom.methods.ttm.prune_ratio = 1.5 is out of range; allowed: 0.0 <= "
+            "prune_ratio < 1.0\n") in proc.stderr
+    assert "Traceback" not in proc.stderr and "EngineCore" not in proc.stderr + proc.stdout
+
+
+def test_vllm_serve_says_an_engine_refusal_in_one_line(tiny_model):
+    """A refusal that needs the engine's config (here the model's layer count) is one line too."""
+    bad = {"tokenzoom": {"methods": {"fastv": {"layer": 9}}}}
+    proc = subprocess.run([vllm_cli(), "serve", *cpu_serve_args(tiny_model), "--plugin", "tokenzoom",
+                           "--additional-config", json.dumps(bad), "--port", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "tokenzoom: error: tokenzoom.methods.fastv.layer = 9 is out of range for this model" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Loading safetensors" not in proc.stderr
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{bad", "is not valid JSON (Expecting property name enclosed in double quotes"),
+    ('{"tokenzoom": {"preset": "ttm"', "is not valid JSON (Expecting ',' delimiter"),
+    ('{"tokenzoom": {}', "is not valid JSON (Expecting ',' delimiter"),
+    ("[1, 2]", "is not a JSON object"),
+])
+def test_malformed_additional_config_is_named_as_such(text, problem, capsys):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    with pytest.raises(SystemExit) as exit_:
+        AsyncEngineArgs.from_cli_args(parser.parse_args(["m", "--plugin", "tokenzoom", "--additional-config", text]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"{text!r} {problem}" in err and "allowed: a JSON object" in err, err
+    assert "tokenzoom: error: --additional-config" in err or "error: argument --additional-config" in err, err
+    # without tokenzoom asked for, vLLM's own handling is untouched (tokenzoom's code does not run)
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["m", "--additional-config", "{bad"]))
+    assert args.additional_config == "{bad"
 
 
 def test_vllm_serve_refuses_an_unknown_plugin(tiny_model):
@@ -83,7 +118,7 @@ def test_vllm_serve_refuses_an_unknown_plugin(tiny_model):
     assert "argument --plugin: invalid choice: 'tokenzip'" in proc.stderr and "tokenzoom" in proc.stderr
 
 
-def test_cli_plugin_flag_is_sugar_for_additional_config():
+def test_cli_plugin_flag_is_sugar_for_additional_config(capsys):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -97,8 +132,10 @@ def test_cli_plugin_flag_is_sugar_for_additional_config():
     mine = {"tokenzoom": {"methods": {"ttm": {"prune_ratio": 0.5}}}, "other": 1}
     assert engine_args("--plugin", "tokenzoom", "--additional-config", json.dumps(mine)).additional_config == mine
     assert engine_args().additional_config in ({}, None)
-    with pytest.raises(TokenZoomConfigError, match="prune_ratio"):
+    with pytest.raises(SystemExit) as exit_:  # on the command line: one line, argparse's status
         engine_args("--additional-config", json.dumps({"tokenzoom": {"methods": {"ttm": {"prune_ratio": 2}}}}))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("tokenzoom: error: tokenzoom.methods.ttm.prune_ratio = 2 is out of range")
 
 
 def test_version_guard():
@@ -168,6 +205,7 @@ def test_prefill_methods_refuse_what_cannot_work_and_fit_what_can(tiny_model):
         (fastv, {"kv_cache_dtype": "fp8"}),
         (fastv, {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}}),
         (fastv, {"pipeline_parallel_size": 2}),
+        (fastv, {"enable_dbo": True}),
         ({"tokenzoom": {"methods": {"fastv": {"layer": 4}}}}, {}),
         (ttm, {"enable_prefix_caching": True, "kv_cache_dtype": "fp8"}),  # TTM needs none of that
     ])
@@ -180,8 +218,9 @@ def test_prefill_methods_refuse_what_cannot_work_and_fit_what_can(tiny_model):
     assert "allowed: 'auto', 'bfloat16', 'float16', 'float32'" in lines[3]
     assert "speculative decoding (--speculative-config) cannot run with tokenzoom method(s) 'fastv'" in lines[4]
     assert "--pipeline-parallel-size 2 cannot run" in lines[5] and "allowed: 1" in lines[5]
-    assert "tokenzoom.methods.fastv.layer = 4 is out of range for this model; allowed: 1 <= layer < 4" in lines[6]
-    assert not lines[7].startswith("TokenZoomConfigError"), lines[7]  # TTM goes on to vLLM's own checks
+    assert "--enable-dbo cannot run with tokenzoom method(s) 'fastv'" in lines[6] and "drop --enable-dbo" in lines[6]
+    assert "tokenzoom.methods.fastv.layer = 4 is out of range for this model; allowed: 1 <= layer < 4" in lines[7]
+    assert not lines[8].startswith("TokenZoomConfigError"), lines[8]  # TTM goes on to vLLM's own checks
 
 
 def test_prefill_methods_turn_chunked_prefill_off(tiny_model):
@@ -269,3 +308,50 @@ def test_voa_refusals_name_what_to_change(tiny_model):
                                "'voa'") and "drop --mm-processor-cache-gb" in lines[1]
     assert "tokenzoom.methods.voa.first_score_layer = 10 is out of range for this model" in lines[2]
     assert lines[3].startswith("STARTED"), lines[3]
+
+
+def _on_cuda(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+
+
+def test_cuda_set_up_picks_the_backend_and_the_v1_runner_without_touching_the_environment(monkeypatch):
+    """On CUDA (pretended here: the choice is made from the config alone) in-LLM methods get
+    tokenzoom's backend and vLLM's V1 model runner; a plain engine keeps vLLM's choices; a user's
+    other backend (flag or --attention-config) or VLLM_USE_V2_MODEL_RUNNER=1 is refused by name."""
+    import os
+
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_tokenzoom.config import parse_config
+    from vllm_tokenzoom.engine import fit_engine_args
+    from vllm_tokenzoom.patches import needs_v1_runner
+
+    # made before CUDA is pretended: building EngineArgs loads the plugins, whose imports probe the platform
+    args, flag, in_config, plain = (EngineArgs(model="m"), EngineArgs(model="m", attention_backend="FLASH_ATTN"),
+                                    EngineArgs(model="m", attention_config={"backend": "FLASH_ATTN"}), EngineArgs(model="m"))
+    _on_cuda(monkeypatch)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    dycoke = {"tokenzoom": {"preset": "dycoke"}}
+    before = dict(os.environ)
+    fit_engine_args(args, parse_config(dycoke))
+    assert args.attention_backend == AttentionBackendEnum.CUSTOM
+    assert dict(os.environ) == before
+    assert needs_v1_runner(dycoke) and not needs_v1_runner({"tokenzoom": {"preset": "ttm"}}) and not needs_v1_runner({})
+
+    class Engine:  # what the patched property reads of a VllmConfig
+        additional_config = dycoke
+
+    assert VllmConfig.use_v2_model_runner.fget(Engine()) is False
+
+    with pytest.raises(TokenZoomConfigError, match="--attention-backend FLASH_ATTN cannot run with tokenzoom "
+                                                   "method\\(s\\) 'dp'.*drop --attention-backend"):
+        fit_engine_args(flag, parse_config(dycoke))
+    with pytest.raises(TokenZoomConfigError, match="--attention-config.backend FLASH_ATTN cannot run"):
+        fit_engine_args(in_config, parse_config(dycoke))
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(TokenZoomConfigError, match="VLLM_USE_V2_MODEL_RUNNER=1 cannot run"):
+        fit_engine_args(plain, parse_config(dycoke))

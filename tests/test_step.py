@@ -102,3 +102,27 @@ def test_layers_that_score_for_different_policies_do_not_share_needs():
     (need,) = step.needs(3)  # dp decided at layer 2: layer 3 reads its view
     assert need.scores == () and need.multiplicity.shape == (12,) and int((need.multiplicity == 0).sum()) == 3
     assert need.cache_len == 13  # the generated position 12 reads 1 (after the multiplicity's prompt part)
+
+
+def test_a_step_whose_metadata_is_not_its_batch_says_so_once():
+    """Metadata of another row count (micro-batching: refused at start-up; or anything unforeseen)
+    leaves the step unbound (vLLM's stock attention) and warns, once per process, not silently."""
+    import logging
+
+    from vllm_tokenzoom.v1.worker import step as steps
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("vllm.tokenzoom")
+    logger.addHandler(handler)
+    steps._WARNED.discard("unbound")
+    try:
+        common = Common(1, torch.tensor([0, 3]), torch.tensor([0, 3]), torch.tensor([3]), 3, 3, 3,
+                        torch.zeros(1, 1, dtype=torch.long), torch.arange(3))
+        for _ in range(2):
+            assert not Step([None, None], 4, [f"layer{i}" for i in range(4)]).bind(SimpleNamespace(), common)
+    finally:
+        logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].levelno == logging.WARNING
+    assert "1 request rows but its batch 2" in seen[0].getMessage() and "stock attention" in seen[0].getMessage()

@@ -63,6 +63,11 @@ def fit_engine_args(engine_args, config) -> None:
             f"--pipeline-parallel-size {engine_args.pipeline_parallel_size} cannot run with tokenzoom method(s) "
             f"{_names(config.needing('no_pipeline_parallel'))}: a decision at one layer must reach the layers "
             "of every stage; allowed: 1 (tensor parallelism works)")
+    if req.no_micro_batching and engine_args.enable_dbo:
+        raise TokenZoomConfigError(
+            f"--enable-dbo cannot run with tokenzoom method(s) {_names(config.needing('no_micro_batching'))}: "
+            "a micro-batch's attention metadata does not say which request each row is, so their token views "
+            "could not be applied; drop --enable-dbo")
     if req.sync_scheduling:
         methods = config.needing("sync_scheduling")
         if engine_args.async_scheduling:
@@ -92,22 +97,32 @@ def _no_mm_processor_cache(engine_args, methods: list[str]) -> None:
 
 def _cuda_backend(engine_args, methods: list[str]) -> None:
     """On CUDA, in-LLM methods need tokenzoom's backend (CUSTOM) and vLLM's V1 model runner
-    (the row -> request hook); not run on a GPU yet, see triton_attn.py."""
+    (the row -> request hook; ``patches._patch_model_runner_choice`` picks it for such an
+    engine, no process environment is changed); not run on a GPU yet, see triton_attn.py."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda():
         return
-    import os
-
+    from vllm import envs
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    def custom(backend) -> bool:
+        return backend is None or backend == AttentionBackendEnum.CUSTOM or str(backend).endswith("CUSTOM")
+
     chosen = engine_args.attention_backend
-    if chosen is not None and chosen != AttentionBackendEnum.CUSTOM and str(chosen) != "CUSTOM":
+    config = engine_args.attention_config
+    in_config = config.get("backend") if isinstance(config, dict) else getattr(config, "backend", None)
+    for flag, backend in (("--attention-backend", chosen), ("--attention-config.backend", in_config)):
+        if not custom(backend):
+            raise TokenZoomConfigError(
+                f"{flag} {getattr(backend, 'name', backend)} cannot run with tokenzoom method(s) {_names(methods)}: they need tokenzoom's "
+                f"attention backend (CUSTOM), which reads the token view; drop {flag}")
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
         raise TokenZoomConfigError(
-            f"--attention-backend {chosen} cannot run with tokenzoom method(s) {_names(methods)}: they need "
-            "tokenzoom's attention backend, which reads the token view; drop --attention-backend")
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # read when the engine's config is built
-    engine_args.attention_backend = AttentionBackendEnum.CUSTOM
+            f"VLLM_USE_V2_MODEL_RUNNER=1 cannot run with tokenzoom method(s) {_names(methods)}: they need vLLM's "
+            "V1 model runner (tokenzoom picks it for this engine); unset VLLM_USE_V2_MODEL_RUNNER")
+    if in_config is None:  # vLLM refuses both set at once
+        engine_args.attention_backend = AttentionBackendEnum.CUSTOM
 
 
 def refuse_batched_tokens(config, error: ValueError) -> None:

@@ -8,8 +8,10 @@ not run-time: ``install/cpu_env.py``.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import sys
 from typing import Any
 
 # a child of vLLM's logger, so lines carry its format and process prefix
@@ -29,6 +31,7 @@ def apply_all() -> None:
     _patch_scheduler_cls()
     _patch_request_entry()
     _patch_voa_passes()
+    _patch_model_runner_choice()
 
 
 def apply_version_guard_only() -> None:
@@ -189,10 +192,12 @@ def _patch_engine_args() -> None:
     Why: vLLM has no ``--plugin`` flag, and nothing checks ``additional_config`` before
     the model loads. How:
     - ``add_cli_args`` adds ``--plugin NAME`` (vLLM loads general plugins before it builds
-      its parser, arg_utils.py:3202);
+      its parser, arg_utils.py:3202), and ``--additional-config`` text that mentions tokenzoom
+      but is not JSON is refused saying where it breaks;
     - ``from_cli_args`` turns ``--plugin tokenzoom`` into ``additional_config["tokenzoom"]``
       (the default preset unless the user configured tokenzoom) and validates it, so a bad
-      server config fails right after argument parsing;
+      server config fails right after argument parsing; on the command line every refusal is
+      one line and exit status 2 (``_one_line_refusal``), no traceback;
     - ``create_engine_config`` (offline ``LLM(...)`` and the server both pass through it)
       validates the config, checks the vLLM version and the model architecture, and hands
       the resolved config to the model and its processor through ``hf_overrides``
@@ -214,23 +219,36 @@ def _patch_engine_args() -> None:
             help="Turn on a vLLM plugin's features. 'tokenzoom': video-token compression with its "
                  "default preset; configure it with --additional-config '{\"tokenzoom\": {...}}'.",
         )
+        for action in parser._actions:
+            if "--additional-config" in action.option_strings and action.type is not None:
+                action.type = _json_named(action.type)
         return parser
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = orig_from(cls, args)
-        if "tokenzoom" in (getattr(args, "plugin", None) or []):
-            engine_args.additional_config = enable_in(engine_args.additional_config)
-        from vllm_tokenzoom.config import parse_config
+        plugin = "tokenzoom" in (getattr(args, "plugin", None) or [])
+        with _one_line_refusal(on_cli=True):
+            _check_json(engine_args.additional_config, plugin)
+            if plugin:
+                engine_args.additional_config = enable_in(engine_args.additional_config)
+            from vllm_tokenzoom.config import parse_config
 
-        parse_config(engine_args.additional_config)
+            parse_config(engine_args.additional_config)
+        engine_args._tokenzoom_cli = True  # its later refusals are said as a command line's
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
+        from vllm_tokenzoom.config import CONFIG_KEY
+
+        if not isinstance(self.additional_config, dict) or CONFIG_KEY not in self.additional_config:
+            return orig_create(self, *args, **kwargs)  # tokenzoom not asked for: none of its code runs
+        with _one_line_refusal(on_cli=getattr(self, "_tokenzoom_cli", False)):
+            return _create_engine_config(self, orig_create, *args, **kwargs)
+
+    def _create_engine_config(self, orig_create, *args, **kwargs):
         from vllm_tokenzoom.config import parse_config
 
         config = parse_config(self.additional_config)
-        if config is None:
-            return orig_create(self, *args, **kwargs)
         from vllm_tokenzoom.version import check_vllm_version
 
         check_vllm_version()
@@ -256,6 +274,57 @@ def _patch_engine_args() -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
     setattr(EngineArgs, _PATCHED, True)
+
+
+@contextlib.contextmanager
+def _one_line_refusal(on_cli: bool):
+    """A configuration mistake made on the command line (``vllm serve``, ``vllm bench``) is one
+    line on stderr and exit status 2, as argparse says a bad argument; no traceback. Offline
+    (``LLM(...)``) the :class:`TokenZoomConfigError` propagates to the caller."""
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    try:
+        yield
+    except TokenZoomConfigError as e:
+        if not on_cli:
+            raise
+        print(f"tokenzoom: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _json_named(parse):
+    """``--additional-config``'s argparse type: a text that mentions tokenzoom and is not JSON is
+    refused saying where the JSON breaks (vLLM says only "cannot be converted to <function loads>")."""
+    def additional_config(text: str):
+        if "tokenzoom" in text:
+            import json
+
+            try:
+                json.loads(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e}); allowed: a JSON object, "
+                                                  "e.g. '{\"tokenzoom\": {\"preset\": \"ttm\"}}'") from None
+        return parse(text)
+
+    return additional_config
+
+
+def _check_json(additional_config, plugin: bool) -> None:
+    """vLLM keeps an ``--additional-config`` that is not JSON as a string (and later fails on it
+    in its config validation); with tokenzoom asked for, it is named as what it is."""
+    if not isinstance(additional_config, str) or not (plugin or "tokenzoom" in additional_config):
+        return
+    import json
+
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    try:
+        json.loads(additional_config)
+        problem = "is not a JSON object"
+    except ValueError as e:
+        problem = f"is not valid JSON ({e})"
+    raise TokenZoomConfigError(f"--additional-config {additional_config!r} {problem}; allowed: a JSON object, "
+                               "e.g. '{\"tokenzoom\": {\"preset\": \"ttm\"}}'")
 
 
 def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -438,3 +507,44 @@ def _patch_voa_passes() -> None:
     LLMEngine.add_request = engine_add_request(orig_add)
     LLMEngine.step = engine_step(LLMEngine.step, orig_add)
     setattr(LLMEngine, _PATCHED, True)
+
+
+def _patch_model_runner_choice() -> None:
+    """Patch of the ``VllmConfig.use_v2_model_runner`` property (config/vllm.py:703).
+
+    Why: on CUDA, vLLM 0.32 runs its V2 model runner by default, and tokenzoom's in-LLM methods
+    need the V1 one (``_patch_model_runner``'s row -> request hook). How: for an engine whose
+    tokenzoom config needs tokenzoom's attention backend, on CUDA, the property says False (a
+    user's ``VLLM_USE_V2_MODEL_RUNNER=1`` is refused at start-up, ``engine._cuda_backend``);
+    every other engine gets vLLM's answer. The property is read in every process of the engine
+    from its own config, so no process environment is changed (an earlier version set
+    ``VLLM_USE_V2_MODEL_RUNNER=0``, which leaked into later engines of the process). Remove when:
+    the V2 runner's ``CommonAttentionMetadata.req_idx`` replaces the hook.
+    """
+    from vllm.config import VllmConfig
+
+    if getattr(VllmConfig, _PATCHED, False):
+        return
+    orig = VllmConfig.use_v2_model_runner
+
+    def use_v2_model_runner(self) -> bool:
+        if needs_v1_runner(getattr(self, "additional_config", None)):
+            return False
+        return orig.fget(self)
+
+    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+    setattr(VllmConfig, _PATCHED, True)
+
+
+def needs_v1_runner(additional_config) -> bool:
+    """Whether an engine of this ``additional_config`` must run vLLM's V1 model runner: tokenzoom's
+    in-LLM methods on CUDA."""
+    if not isinstance(additional_config, dict) or "tokenzoom" not in additional_config:
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False
+    from vllm_tokenzoom.config import parse_config
+
+    return parse_config(additional_config).requirements.attention_backend

@@ -69,6 +69,7 @@ class Requirements:
     kv_cache_dtypes: tuple[str, ...] | None = None  # None: any
     no_speculative_decoding: bool = False
     no_pipeline_parallel: bool = False
+    no_micro_batching: bool = False  # DBO splits a step's metadata per micro-batch: rows no longer name requests
     sync_scheduling: bool = False  # a decision needs the token sampled by the step before, on the host
     no_mm_processor_cache: bool = False  # the engine needs each request's processed video (VOA's second pass)
 
@@ -81,7 +82,7 @@ class Requirements:
 
 # what a method that reads or reshapes the KV cache inside the LLM needs
 IN_LLM = Requirements(prefix_caching_off=True, attention_backend=True, kv_cache_dtypes=PLAIN_KV_DTYPES,
-                      no_speculative_decoding=True, no_pipeline_parallel=True)
+                      no_speculative_decoding=True, no_pipeline_parallel=True, no_micro_batching=True)
 
 
 class Policy:

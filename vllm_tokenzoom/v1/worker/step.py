@@ -18,6 +18,7 @@ position*, *cache index* (``kv/layout.py``), *visual index*.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -26,6 +27,19 @@ import torch
 from vllm_tokenzoom.kv.layout import Segment
 
 _CURRENT: list["Step | None"] = [None]
+logger = logging.getLogger("vllm.tokenzoom")
+_WARNED: set[str] = set()
+
+
+def _warn_unbound(metadata_rows: int, batch_rows: int) -> None:
+    """Once per process: a step whose requests have sessions runs vLLM's stock attention for every
+    row, because its attention metadata is not the batch's (micro-batching is refused at start-up;
+    this is for what was not foreseen), rather than silently."""
+    if "unbound" not in _WARNED:
+        _WARNED.add("unbound")
+        logger.warning("tokenzoom: a step's attention metadata has %d request rows but its batch %d; that step "
+                       "runs vLLM's stock attention for every request (no in-LLM pruning). Said once per process.",
+                       metadata_rows, batch_rows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +108,7 @@ class Step:
         if self.bound:
             return True
         if common.num_reqs != len(self.sessions):
+            _warn_unbound(common.num_reqs, len(self.sessions))
             return False
         self.builder, self.common, self.bound = builder, common, True
         qsl = common.query_start_loc_cpu.tolist()
