@@ -57,16 +57,23 @@ def test_triton_decode_and_key_mass_match_reference(monkeypatch, seq_len, page, 
     torch.testing.assert_close(mass.cpu(), mass_ref, rtol=3e-5, atol=1e-7)
 
 
-def test_tiny_model_through_vllm_on_the_triton_kernels(tiny_model, dense, prompt):
-    """vLLM's decode steps on the Triton kernels (interpreted on CPU) select the same tokens
-    and produce the same greedy output as the dense DyCoke reference."""
+def test_tiny_model_on_vllm_s_cpu_backend_with_the_triton_kernels(tiny_model, dense, prompt):
+    """vLLM's decode steps, on tokenzoom's CPU attention backend with every pruned decode query
+    sent to the Triton kernels (interpreted on CPU), select the same tokens and produce the same
+    greedy output as the dense DyCoke reference. The CUDA backend (``triton_attn.py``: its cache
+    regions, the device mix) needs a GPU and is not exercised here."""
     from vllm_tokenzoom.methods.dp import DP
     from vllm_tokenzoom.methods.ttm import TTM
     from vllm_tokenzoom.testing.offline import load_video, run_offline
 
     request = dict(frames=8, seed=70, max_tokens=6)
     env = {"TOKENZOOM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
-    (got,) = run_offline(tiny_model, [request], {"tokenzoom": {}}, env=env, trace=True)["outputs"]
+    run = run_offline(tiny_model, [request], {"tokenzoom": {}}, env=env, trace=True, preload=["tests.kernel_calls_hook"])
+    (got,) = run["outputs"]
+    calls = run["reports"]["tests.kernel_calls_hook"]
+    # each decided decode query is computed by Triton at layer L-1 = 2 (its scores) and at the one
+    # layer >= L = 3 of the 4 (its pruned view); none falls back to the reference
+    assert calls == {"triton_calls": 2 * len(got["dp_trace"]), "reference_calls": 0}, calls
     ref_out = dense.generate(load_video(request), prompt, TTM(prune_ratio=0.7), 6, dp=DP())
     assert [tuple(step) for step in got["dp_trace"]] == [(q, s) for q, s in ref_out.dp_trace]
     assert got["tokens"] == ref_out.tokens

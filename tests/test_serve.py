@@ -132,7 +132,8 @@ def kv_usage(server) -> list[float]:
 
 def test_abort_mid_decode(client, videos, server, records):
     """The client goes away mid-decode: vLLM aborts the request, tokenzoom drops its session
-    (its record is written then, with the decode steps it ran), the next request is served."""
+    (its record is written then, with the decode steps it ran), the next request is served, and
+    no KV block is left held."""
     stream = client.chat.completions.create(model=client.models.list().data[0].id, temperature=0.0, max_tokens=200,
                                             messages=video_message(data_url(videos[2]), QUESTION), stream=True)
     for i, chunk in enumerate(stream):
@@ -143,6 +144,8 @@ def test_abort_mid_decode(client, videos, server, records):
     assert record is not None, "the aborted request's session was never dropped"
     assert 2 <= len(record["decisions"]["dp"]) < 199  # it stopped mid-decode
     assert ask(client, data_url(videos[2])).usage.completion_tokens == 8
+    usage = kv_usage(server)  # the aborted request's blocks came back too
+    assert usage and all(u == 0.0 for u in usage)
 
 
 def test_no_kv_blocks_or_sessions_held_after_requests(client, videos, server, records):
@@ -153,6 +156,7 @@ def test_no_kv_blocks_or_sessions_held_after_requests(client, videos, server, re
     assert all(released(records, r.id) is not None for r in replies)
     usage = kv_usage(server)
     assert usage and all(u == 0.0 for u in usage)
+    assert "stock attention" not in server[1].read_text()  # no step ran unpruned (step._warn_unbound)
 
 
 def test_plugin_registered_in_every_engine_process(server):
