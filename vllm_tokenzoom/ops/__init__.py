@@ -15,6 +15,9 @@ CPU K; the other kernels read the cache (the same values).
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 import os
 import weakref
 from dataclasses import dataclass
@@ -33,13 +36,46 @@ def kernel_choice() -> str:
     return choice
 
 
+@functools.cache
 def cpp_ops():
-    """The compiled CPU kernels, or None when the extension is not built."""
+    """The compiled CPU kernels for this CPU (``cpu_build``), or None when that build is missing:
+    then single-query calls use the torch reference (said once; ``TOKENZOOM_KERNELS=cpp`` refuses)."""
+    name = cpu_build()
     try:
-        from vllm_tokenzoom import _C
+        return importlib.import_module(f"vllm_tokenzoom.{name}") if name else None
     except ImportError:
-        return None
-    return _C
+        pass
+    logging.getLogger("vllm.tokenzoom").warning(
+        "tokenzoom: no C++ kernel build for this CPU (%s); decode attention over token views runs the torch "
+        "reference (slower). Reinstall tokenzoom on this machine to build it.", name or "x86-64 without AVX2")
+    return None
+
+
+@functools.cache
+def cpu_build() -> str | None:
+    """Which build of the C++ kernels this CPU runs (setup.py): on x86-64 ``_C_avx512`` where the
+    CPU has AVX-512 F/BW/VL, else ``_C_avx2`` where it has AVX2 and FMA, else none; elsewhere ``_C``.
+    Chosen at run time, so one wheel serves every machine of its architecture."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "_C"
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return "_C_avx512"
+    if {"avx2", "fma"} <= flags:
+        return "_C_avx2"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 _EMPTY = torch.empty(0)
