@@ -267,6 +267,7 @@ def _patch_engine_args() -> None:
 
         # what a per-request setting is checked against (requests.py), in every process of the engine
         setattr(vllm_config.model_config.hf_config, ENGINE_ATTR, dataclasses.asdict(EngineFacts.of(vllm_config)))
+        _patch_media_errors()  # in this process, where a request's media is fetched (API server, offline LLM)
         logger.info("tokenzoom enabled: %s", config.to_dict())
         return vllm_config
 
@@ -548,3 +549,87 @@ def needs_v1_runner(additional_config) -> bool:
     from vllm_tokenzoom.config import parse_config
 
     return parse_config(additional_config).requirements.attention_backend
+
+
+def _patch_media_errors() -> None:
+    """Patch of ``MediaConnector.load_from_url`` / ``load_from_url_async``
+    (multimodal/media/connector.py:367, :410), applied in a process that builds a tokenzoom
+    engine (not at plugin load: an engine without tokenzoom keeps vLLM's answers).
+
+    Why: vLLM 0.32 answers three client mistakes with a 500 and a traceback in the server log:
+    a ``file://`` URL to a file that does not exist (under ``--allowed-local-media-path``), and an
+    http(s) URL whose host cannot be resolved or refuses the connection (vLLM keeps network errors
+    as-is for retry logic, which a plain request does not have). How: those errors become a 400
+    naming the URL and the cause; a fetch that times out becomes a 504 (the media host is slow:
+    retrying may work). Everything else passes unchanged. Remove when: vLLM maps them itself.
+    """
+    from vllm.multimodal.media.connector import MediaConnector
+
+    if getattr(MediaConnector, _PATCHED, False):
+        return
+    orig_sync, orig_async = MediaConnector.load_from_url, MediaConnector.load_from_url_async
+
+    def load_from_url(self, url, *args, **kwargs):
+        try:
+            return orig_sync(self, url, *args, **kwargs)
+        except Exception as e:
+            raise _media_error(url, e) from e
+
+    async def load_from_url_async(self, url, *args, **kwargs):
+        try:
+            return await orig_async(self, url, *args, **kwargs)
+        except Exception as e:
+            raise _media_error(url, e) from e
+
+    MediaConnector.load_from_url = load_from_url
+    MediaConnector.load_from_url_async = load_from_url_async
+    setattr(MediaConnector, _PATCHED, True)
+
+
+def _media_error(url: str, error: Exception) -> Exception:
+    """The error a client gets for a media URL that could not be fetched (``error`` itself when
+    it is not one of the cases ``_patch_media_errors`` names)."""
+    import asyncio
+    from http import HTTPStatus
+
+    from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+
+    shown = url if len(url) <= 200 else url[:200] + "..."
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        return VLLMValidationError(f"media URL {shown!r}: no such file", parameter="url")
+    if isinstance(error, IsADirectoryError):
+        return VLLMValidationError(f"media URL {shown!r} is a directory, not a file", parameter="url")
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return GracefulHTTPError(f"media URL {shown!r}: the host did not answer in time", HTTPStatus.GATEWAY_TIMEOUT)
+    cause = _connection_failure(error)
+    if cause is not None:
+        return VLLMValidationError(f"media URL {shown!r} cannot be fetched: {cause}", parameter="url")
+    return error
+
+
+def _connection_failure(error: Exception) -> str | None:
+    import socket
+
+    try:
+        import aiohttp
+
+        if isinstance(error, aiohttp.ClientConnectorDNSError):
+            return "its host name cannot be resolved"
+        if isinstance(error, aiohttp.ClientConnectorError):
+            return f"the connection failed ({error.os_error.strerror or error.os_error})"
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        if isinstance(error, requests.exceptions.ConnectionError):
+            text = str(error)
+            return "its host name cannot be resolved" if ("resolve" in text or "Name or service" in text) \
+                else "the connection failed"
+    except ImportError:
+        pass
+    if isinstance(error, socket.gaierror):
+        return "its host name cannot be resolved"
+    if isinstance(error, ConnectionError):
+        return f"the connection failed ({error})"
+    return None

@@ -87,6 +87,7 @@ class TokenZoomProcessor(LlavaOnevisionMultiModalProcessor):
         return super()._get_hf_mm_inputs(mm_items, {k: v for k, v in hf_kwargs.items() if k != requests.MM_KEY})
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        _refuse_empty_videos(mm_items)
         out = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         text = hf_kwargs.get(requests.MM_KEY)
         videos = mm_items.get_all_counts().get("video", 0)
@@ -120,6 +121,20 @@ class TokenZoomProcessor(LlavaOnevisionMultiModalProcessor):
 
         return [dataclasses.replace(u, replacement=video_replacement) if u.modality == "video" else u
                 for u in updates]
+
+
+def _refuse_empty_videos(mm_items) -> None:
+    """A video with no decodable frame (an empty or broken file, or a one-frame mp4 some encoders
+    write without a decodable frame) is the request's error, said as such (the HF processor says
+    "Cannot get size of empty video")."""
+    from vllm.multimodal.parse import VideoProcessorItems
+
+    videos = mm_items.get("video") if hasattr(mm_items, "get") else None
+    if not isinstance(videos, VideoProcessorItems):
+        return
+    for i in range(videos.get_count()):
+        if videos.get_num_frames(i) == 0:
+            raise ValueError(f"video {i} of the request has no decodable frame; send a video with at least one")
 
 
 @MULTIMODAL_REGISTRY.register_processor(
