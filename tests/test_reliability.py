@@ -182,3 +182,19 @@ def _assert_clean(server) -> None:
     assert usage and all(u == 0.0 for u in usage)
     log = server[1].read_text()
     assert "Traceback" not in log, log[log.index("Traceback") - 500:log.index("Traceback") + 3000]
+
+
+def test_a_short_soak_of_mixed_methods_cancellations_and_a_burst(server, media, records):
+    """``benchmarks/soak.py`` in small: every distinct request alone, a burst of 32 at once, then
+    40 through 6 workers with 20% cancelled mid-stream; every completed reply equals its request
+    alone, no error, and afterwards no KV block, no tokenzoom session and no traceback left."""
+    from benchmarks import soak
+
+    run = soak.Soak(server[0], soak.videos_in(media, 2), max_tokens=8, seed=1)
+    report = run.run(requests=40, concurrency=6, cancel=0.2, burst=32)
+    left = soak.after(server[0], records, server[1])
+    assert report["errors_by_kind"] == {} and report["mismatches"] == 0, report
+    assert report["completed"] + report["cancelled"] == 40 + 32 and report["cancelled"] > 0
+    assert report["peak_kv_usage"] > 0  # the watcher saw the load it checks went away
+    assert left["final_kv_usage"] == 0.0 and left["sessions_alive"] == 0 and left["tracebacks_in_log"] == 0, left
+    assert left["sessions_released"] > 0

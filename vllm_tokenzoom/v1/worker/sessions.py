@@ -43,7 +43,8 @@ def tracing() -> bool:
 
 def trace_dir() -> str | None:
     """Where each traced request's record goes when it ends (``TOKENZOOM_TRACE_DIR``; the
-    token-map pictures, ``python -m vllm_tokenzoom.tokenmap``, read it)."""
+    token-map pictures, ``python -m vllm_tokenzoom.tokenmap``, read it), and a marker lives while
+    its session does (``<request id>.open``)."""
     return os.environ.get("TOKENZOOM_TRACE_DIR") or None
 
 
@@ -357,6 +358,17 @@ def release_gone(requests: dict) -> None:
         write_record(SESSIONS.pop(gone))
 
 
+def _open_marker(req_id: str):
+    """With ``TOKENZOOM_TRACE_DIR``: ``<request id>.open`` exists there while the request's session
+    lives (what a soak run counts as sessions left behind); None otherwise."""
+    from pathlib import Path
+
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    where = trace_dir()
+    return None if where is None or get_tensor_model_parallel_rank() != 0 else Path(where) / f"{req_id}.open"
+
+
 def write_record(session: RequestSession) -> None:
     where = trace_dir()
     if where is None:
@@ -370,6 +382,7 @@ def write_record(session: RequestSession) -> None:
         path = Path(where) / f"{session.req_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(session.record(), default=_jsonable))
+        _open_marker(session.req_id).unlink(missing_ok=True)
 
 
 def write_live_records(model=None) -> int:
@@ -408,6 +421,9 @@ def begin_step(runner, req_ids: list[str]) -> None:
                 session = new_session(rid, state, config, len(layer_names), runner.encoder_cache)
                 if session is not None:
                     SESSIONS[rid] = session
+                    if traced and (marker := _open_marker(rid)) is not None:
+                        marker.parent.mkdir(parents=True, exist_ok=True)
+                        marker.touch()
         if session is not None:
             if session.sampled_scores:
                 session.take_sampled(state.output_token_ids)
