@@ -38,8 +38,8 @@ tiny-model: $(MODELS)/tiny/config.json
 $(MODELS)/qwen2-0.5b/config.json: | install
 	$(PY) -m vllm_tokenzoom.testing.tiny_model --out $(MODELS)/qwen2-0.5b --preset qwen2-0.5b --seed 0
 
-demo: install tiny-model
-	$(PY) -m vllm_tokenzoom.demo --model $(MODELS)/tiny
+demo: install
+	$(PY) -m vllm_tokenzoom.demo --model checkpoints/videoqa-deep
 
 test: install
 	$(PY) -m pytest -q tests

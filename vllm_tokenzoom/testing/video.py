@@ -43,6 +43,19 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     return path
 
 
+def write_lossless(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
+    """Write [T, H, W, 3] RGB frames as an FFV1 .avi: lossless (decoded pixels equal ``frames``),
+    read by vLLM's OpenCV loader as any video file."""
+    import cv2
+
+    path = Path(path)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (frames.shape[2], frames.shape[1]))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
 def text_prompt(tokenizer, question: str) -> str:
     """A chat prompt without any video."""
     messages = [{"role": "user", "content": [{"type": "text", "text": question}]}]
