@@ -1,11 +1,14 @@
-"""What tokenzoom adds to a decode step when it is installed but not enabled (issue #3 goal:
-at most 2% slower than vanilla).
+"""What tokenzoom adds to a decode step of requests without tokenzoom work: installed but not
+enabled (issue #3 goal: at most 2% slower than vanilla), and the metrics' per-step paths on plain
+requests (issue #13: at most 2% of a vanilla step).
 
 End-to-end step times on this VM vary by +-20% between processes (see decode_dycoke.json),
 far more than the effect, so the added work is timed directly instead: per engine step,
 the runner hooks (``begin_step`` and ``release_gone`` with tokenzoom off), the metadata
 builder's extra field (``with_step`` + the metadata copy), the scheduler mixin's report
 lookup, the ``sample_tokens`` hook's check, and per layer the attention wrapper's fast-path test;
+the metrics' paths a plain request's step passes (the scheduler mixin's figures lookup, the
+front end's ``take_figures`` over the batch's outputs);
 against vanilla's measured step time (decode_dycoke.json, batch 1, 16 frames, 24 layers).
 
     python benchmarks/inactive_overhead.py [--layers 24] [--batch 16]
@@ -45,7 +48,8 @@ def main(argv=None) -> None:
 
     from vllm_tokenzoom.v1.attention.backends.cpu_attn import TokenZoomCPUAttentionMetadata
     from vllm_tokenzoom.v1.attention.backends.indexed import with_step
-    from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR
+    from vllm_tokenzoom.metrics import take_figures
+    from vllm_tokenzoom.v1.core.sched.scheduler import FIGURES_ATTR, REPORT_ATTR
     from vllm_tokenzoom.v1.worker.sessions import SESSIONS, begin_step, release_gone
 
     req_ids = [f"req-{i}" for i in range(args.batch)]
@@ -69,6 +73,7 @@ def main(argv=None) -> None:
                 return super().forward(*args)
 
     stock, wrapped = Stock(), Wrapped()
+    plain_outputs = [SimpleNamespace(request_id=rid, kv_transfer_params=None, finish_reason=None) for rid in req_ids]
     costs = {
         "runner hooks: begin_step + release_gone": per_call_us(
             lambda: (begin_step(runner, req_ids), release_gone(requests))),
@@ -76,6 +81,9 @@ def main(argv=None) -> None:
             lambda: with_step(TokenZoomCPUAttentionMetadata, None, stock_md, cm)),
         "scheduler mixin: report lookup": per_call_us(lambda: getattr(output, REPORT_ATTR, None)),
         "sample_tokens hook: check": per_call_us(lambda: bool(SESSIONS)),
+        "scheduler mixin: figures lookup": per_call_us(lambda: getattr(output, FIGURES_ATTR, None)),
+        f"front end: take_figures over {args.batch} plain outputs": per_call_us(
+            lambda: take_figures({}, plain_outputs), iters=5000),
         f"attention wrapper (frame + fast-path test) x {args.layers} layers": args.layers * max(
             0.0, per_call_us(lambda: wrapped.forward(1, 2, 3)) - per_call_us(lambda: stock.forward(1, 2, 3))),
     }

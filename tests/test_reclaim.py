@@ -82,6 +82,9 @@ def test_freed_blocks_are_reused_by_another_running_request(runs):
     reused = [(step, rid) for step in log["steps"] for rid, blocks in step.items()
               if any(block in blocks and owner != rid and owner in step for owner, block in freed)]
     assert reused, "no request received a block freed by another request that was still running"
+    # each request's output says how many of its blocks went back (RequestOutput figures)
+    per_request = sorted(sum(1 for r, _ in freed if r == rid) for rid in {r for r, _ in freed})
+    assert sorted(o["figures"]["kv_blocks_reclaimed"] for o in runs["freeing"]["outputs"]) == per_request
 
 
 def test_outputs_unchanged_by_freeing(runs):

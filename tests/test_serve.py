@@ -197,3 +197,23 @@ def test_metrics_count_each_request_s_visual_tokens(client, videos, server):
         ask(client, data_url(videos[0]))
         after = [metric(server, n, "ttm") for n in names]
         assert [b - a for a, b in zip(before, after)] == [16 * 196, TTM_.num_kept_tokens(16, 196)]
+
+
+def test_metrics_and_the_reply_carry_the_in_llm_figures(client, videos, server):
+    """One dycoke request of 8 tokens: its 7 decode steps each read, on the 4-layer model, all of
+    TTM's kept tokens in layers 0-2 and dp's int(0.3 V) in layer 3; /metrics' histogram of that
+    share grows by exactly those 7 observations (label: the request's decode methods), the policy
+    time histogram by one decision per step, and the reply's kv_transfer_params carry the totals."""
+    kept = TTM_.num_kept_tokens(16, 196)
+    share = (3 * kept + int(kept * 0.3)) / (4 * kept)
+    names = ("tokenzoom:decode_visual_attended_ratio_count", "tokenzoom:decode_visual_attended_ratio_sum",
+             "tokenzoom:policy_seconds_count")
+    before = [metric(server, n, "dp") for n in names]
+    reply = ask(client, data_url(videos[1]))
+    after = [metric(server, n, "dp") for n in names]
+    assert after[0] - before[0] == 7
+    assert after[1] - before[1] == pytest.approx(7 * share, rel=1e-9)
+    assert after[2] - before[2] >= 7
+    figures = reply.model_extra["kv_transfer_params"]["tokenzoom"]["figures"]
+    assert figures["decode_steps"] == 7 and figures["decode_visual_attended_ratio"] == round(share, 4)
+    assert figures["prefill_visual_rows_skipped"] == 0 and figures["policy_seconds"] > 0

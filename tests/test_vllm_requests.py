@@ -43,6 +43,25 @@ def test_a_batch_mixing_settings_answers_each_as_its_own_setting(tiny_model, ref
         assert_matches(got, ref)
     counts = [o["num_prompt_tokens"] for o in outputs]
     assert counts[0] != counts[1] and counts[2] < counts[1]  # K=0.5, K=0.7, FastV's 7 frames: three lengths
+    _assert_figures(outputs)
+
+
+def _assert_figures(outputs) -> None:
+    """Each finished request's figures (``RequestOutput.kv_transfer_params["tokenzoom"]["figures"]``),
+    hand-derived on the 4-layer model: none without an in-LLM method (TTM alone, a text request);
+    FastV K=2, R=0.5 on 7 frames (V = 1,372) keeps round(V/2) = 686 and the others are not computed
+    by layers 2 and 3: 2 x 686 rows; ttm + dp (L=3, P=0.7) reads, in each of its 9 decode steps, all
+    V' = TTM's kept tokens in layers 0-2 and int(0.3 V') in layer 3."""
+    assert outputs[0]["figures"] is None and outputs[1]["figures"] is None and outputs[4]["figures"] is None
+    fastv = outputs[2]["figures"]
+    assert (fastv["prefill_visual_rows_skipped"], fastv["decode_steps"], fastv["decode_visual_attended_ratio"],
+            fastv["kv_blocks_reclaimed"]) == (2 * (1372 - 686), 0, None, 0)
+    dycoke = outputs[3]["figures"]
+    kept = TTM().num_kept_tokens(16, 196)
+    share = (3 * kept + int(kept * 0.3)) / (4 * kept)
+    assert (dycoke["prefill_visual_rows_skipped"], dycoke["decode_steps"], dycoke["kv_blocks_reclaimed"]) == (0, 9, 0)
+    assert dycoke["decode_visual_attended_ratio"] == round(share, 4)
+    assert fastv["policy_seconds"] > 0 and dycoke["policy_seconds"] > 0
 
 
 def test_a_bad_setting_fails_naming_it_and_a_server_without_tokenzoom_refuses_any(tiny_model):

@@ -32,6 +32,7 @@ def apply_all() -> None:
     _patch_request_entry()
     _patch_voa_passes()
     _patch_model_runner_choice()
+    _patch_output_processor()
 
 
 def apply_version_guard_only() -> None:
@@ -106,8 +107,8 @@ def _patch_model_runner() -> None:
     - ``_build_attention_metadata`` (l.2249) first makes this step's ``Step``: each batch row's
       session, created for new video requests (``v1/worker/sessions.begin_step``);
     - ``sample_tokens`` (l.4304) lets the after-sampling policies decide once the tokens are on
-      the host (sync scheduling), and attaches newly reclaimable blocks and the policies' results
-      for the caller (VOA's keyframes) to its ``ModelRunnerOutput`` (extra attributes, which
+      the host (sync scheduling), and attaches newly reclaimable blocks, the policies' results
+      for the caller (VOA's keyframes) and the sessions' figures for the metrics to its ``ModelRunnerOutput`` (extra attributes, which
       survive the pickled transport to the engine core; under async scheduling to the output
       it wraps; EMPTY_MODEL_RUNNER_OUTPUT is never touched).
     Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU and vLLM
@@ -140,8 +141,9 @@ def _patch_model_runner() -> None:
         output = orig_sample(self, *args, **kwargs)
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
 
-        from vllm_tokenzoom.v1.core.sched.scheduler import REPORT_ATTR, RESULTS_ATTR
-        from vllm_tokenzoom.v1.worker.sessions import SESSIONS, collect_reclaimable, collect_results, take_sampled_now
+        from vllm_tokenzoom.v1.core.sched.scheduler import FIGURES_ATTR, REPORT_ATTR, RESULTS_ATTR
+        from vllm_tokenzoom.v1.worker.sessions import (SESSIONS, collect_figures, collect_reclaimable, collect_results,
+                                                       take_sampled_now)
 
         target = output._model_runner_output if isinstance(output, AsyncModelRunnerOutput) else output
         if SESSIONS and isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
@@ -154,6 +156,9 @@ def _patch_model_runner() -> None:
             report = collect_reclaimable(self.requests, block_size)
             if report:
                 setattr(target, REPORT_ATTR, report)
+            figures = collect_figures(self.requests, set(self.input_batch.req_ids))
+            if figures:
+                setattr(target, FIGURES_ATTR, figures)
         return output
 
     GPUModelRunner._update_states = _update_states
@@ -633,3 +638,31 @@ def _connection_failure(error: Exception) -> str | None:
     if isinstance(error, ConnectionError):
         return f"the connection failed ({error})"
     return None
+
+
+def _patch_output_processor() -> None:
+    """Patch of ``OutputProcessor.process_outputs`` (v1/engine/output_processor.py:681), in the
+    front-end process (API server, offline ``LLM``).
+
+    Why: the in-LLM stages' figures (prefill rows skipped, the share a decode step reads, blocks
+    reclaimed, policy time) are known in the worker, and the metrics registry and the caller's
+    ``RequestOutput`` are in the front end. How: the worker's figures ride on each request's engine
+    output (``kv_transfer_params["tokenzoom"]["figures"]``, scheduler mixin); before vLLM makes
+    request outputs, ``metrics.take_figures`` counts them and leaves on a finished request's output
+    its totals only. An output without them costs one dict lookup. Remove when: vLLM has a
+    per-request stats channel for plugins.
+    """
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    if getattr(OutputProcessor, _PATCHED, False):
+        return
+    orig = OutputProcessor.process_outputs
+
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        from vllm_tokenzoom.metrics import take_figures
+
+        take_figures(self.request_states, engine_core_outputs)
+        return orig(self, engine_core_outputs, *args, **kwargs)
+
+    OutputProcessor.process_outputs = process_outputs
+    setattr(OutputProcessor, _PATCHED, True)

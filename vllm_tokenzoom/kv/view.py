@@ -139,6 +139,28 @@ class TokenView:
             out = value.float() if out is None else out * value
         return out
 
+    def read_share(self, position: int) -> float:
+        """The share of the visual tokens the query at ``position`` reads (multiplicity > 0 in the
+        layer's cache), averaged over the layers. Layers that read the same factors are counted
+        together: per group one count of the read tokens' death layers (host)."""
+        if not self.num_visual:
+            return 1.0
+        groups: dict[tuple, tuple[tuple, list[int]]] = {}
+        for layer in range(self.num_layers):
+            factors = self.factors(layer, position)
+            groups.setdefault(tuple(map(id, factors)), (factors, []))[1].append(layer)
+        read = 0
+        for factors, layers in groups.values():
+            death = self.death
+            if factors:
+                m = factors[0].float()
+                for value in factors[1:]:
+                    m = m * value
+                death = death[(m > 0).cpu()]
+            alive_from = torch.bincount(death, minlength=self.num_layers).flip(0).cumsum(0).flip(0)  # [L] death >= l
+            read += int(alive_from[layers].sum())
+        return read / (self.num_layers * self.num_visual)
+
     @property
     def last_position(self) -> int:
         return max((p.history.last_position for p in self.layers.values()), default=-1)

@@ -112,6 +112,7 @@ def _child() -> None:
 
     def result(out, seconds, alone: bool):
         return dict(tokens=list(out.outputs[0].token_ids), text=out.outputs[0].text,
+                    figures=((out.kv_transfer_params or {}).get("tokenzoom") or {}).get("figures"),
                     num_prompt_tokens=len(out.prompt_token_ids), seconds=seconds,
                     engine_ttft=getattr(out.metrics, "first_token_latency", None),
                     num_preemptions=getattr(out.metrics, "num_preemptions", None),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -68,6 +69,7 @@ class RequestSession:
     # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
     sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     results_given: set[str] = field(default_factory=set)  # decode policies whose result went to the caller
+    figures: "Figures" = field(default_factory=lambda: Figures())  # what the metrics count, since last taken
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
@@ -148,18 +150,26 @@ class RequestSession:
             policy = self.prefill[name]
             if name not in self.states:
                 self.states[name] = policy.start(self.token_map)
+            t0 = time.perf_counter()
             dropped, self.states[name] = policy.decide(layer, scores, self.states[name])
             if dropped is not None:
+                before = int((self.view.death > layer).sum())
                 self.view.drop_after(dropped, layer)
+                # each token leaving after ``layer`` is a row none of the layers after it computes
+                left = before - int((self.view.death > layer).sum())
+                self.figures.skipped(name, left * (self.num_layers - 1 - layer))
                 self._trace(name, lambda: policy.describe(layer, dropped, self.states[name]))
+            self.figures.timed(name, time.perf_counter() - t0)
             return
         policy = self.decode[name]
         if policy.after_sampling:  # summed over its layers; decided once the token is known
             seen, total = self.sampled_scores.get(name, (position, None))
             self.sampled_scores[name] = (position, scores if total is None or seen != position else total + scores)
             return
+        t0 = time.perf_counter()
         value, self.states[name] = policy.step(scores, self._state(name))
         self._push(name, position, value)
+        self.figures.timed(name, time.perf_counter() - t0)
 
     def take_sampled(self, output_token_ids, reporting_only: bool = False) -> None:
         """Between steps: the after-sampling policies decide from the scores of the forward that
@@ -173,8 +183,10 @@ class RequestSession:
                 continue  # not on the host yet
             del self.sampled_scores[name]
             policy = self.decode[name]
+            t0 = time.perf_counter()
             value, self.states[name] = policy.step(scores, self._state(name), int(output_token_ids[i]))
             self._push(name, position + 1, value)
+            self.figures.timed(name, time.perf_counter() - t0)
 
     def _state(self, name: str) -> Any:
         """A decode policy's state, started once the token map is complete (after the first forward)."""
@@ -282,6 +294,52 @@ class RequestSession:
         self.view.settle()
 
 
+@dataclass
+class Figures:
+    """A session's figures for tokenzoom's metrics (``metrics.py``) since they were last taken:
+    prefill rows not computed, per method; the share of the visual tokens each decode step reads
+    (one value per step); blocks reported reclaimable; seconds in each policy decision."""
+
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    read_shares: list[float] = field(default_factory=list)
+    blocks_reclaimed: int = 0
+    policy_seconds: list[tuple[str, float]] = field(default_factory=list)
+
+    def skipped(self, method: str, rows: int) -> None:
+        self.rows_skipped[method] = self.rows_skipped.get(method, 0) + rows
+
+    def timed(self, method: str, seconds: float) -> None:
+        self.policy_seconds.append((method, seconds))
+
+    def take(self) -> dict | None:
+        """The figures as a plain dict (they cross to the front-end process), emptied; None if none."""
+        if not (self.rows_skipped or self.read_shares or self.blocks_reclaimed or self.policy_seconds):
+            return None
+        out = {"rows_skipped": self.rows_skipped, "read_shares": self.read_shares,
+               "blocks_reclaimed": self.blocks_reclaimed, "policy_seconds": self.policy_seconds}
+        self.rows_skipped, self.read_shares, self.blocks_reclaimed, self.policy_seconds = {}, [], 0, []
+        return out
+
+
+def collect_figures(requests: dict, in_batch) -> dict[str, dict]:
+    """req_id -> the figures of its session since the last step (worker -> scheduler -> front end).
+    Each request of this step's batch (``in_batch``) that ran a decode query with a decode policy
+    adds the share of its visual tokens that query read (the one that sampled its newest token)."""
+    out = {}
+    for rid, session in SESSIONS.items():
+        state = requests.get(rid)
+        if state is None:
+            continue
+        if session.decode and len(state.output_token_ids) >= 2 and rid in in_batch:
+            session.figures.read_shares.append(
+                session.view.read_share(session.num_prompt_tokens + len(state.output_token_ids) - 2))
+        figures = session.figures.take()
+        if figures is not None:
+            figures["decode"] = "+".join(session.decode) or "none"  # the label of its decode figures
+            out[rid] = figures
+    return out
+
+
 def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_size: int) -> list[int]:
     """Logical blocks of computed tokens that no layer will read again (DESIGN.md §4.4), not
     reported yet. Marks them reported."""
@@ -328,6 +386,7 @@ def collect_reclaimable(requests: dict, block_size: int) -> dict[str, list[int]]
         blocks = reclaimable_blocks(session, state.num_computed_tokens, block_size)
         if blocks:
             report[rid] = blocks
+            session.figures.blocks_reclaimed += len(blocks)
     return report
 
 

@@ -21,6 +21,8 @@ logger = logging.getLogger("vllm.tokenzoom")
 REPORT_ATTR = "tokenzoom_free_blocks"
 RESULTS_ATTR = "tokenzoom_results"  # request id -> {policy: result}, handed to the request's output
 RESULTS_KEY = "tokenzoom"  # ... under this key of its ``kv_transfer_params``
+FIGURES_ATTR = "tokenzoom_figures"  # request id -> its session's figures of the step (sessions.Figures)
+FIGURES_KEY = "figures"  # ... under RESULTS_KEY; the front end counts them (metrics.py)
 
 
 _FREED_KEEP = 4096  # the log of freed blocks keeps the most recent ones only (a server runs for long)
@@ -35,6 +37,10 @@ class TokenZoomSchedulerMixin:
         results = getattr(model_runner_output, RESULTS_ATTR, None)
         if results:
             _attach_results(outputs, results)
+        figures = getattr(model_runner_output, FIGURES_ATTR, None)
+        if figures or getattr(self, "_tokenzoom_pending", None):
+            self._tokenzoom_pending = _attach_figures(outputs, figures or {}, getattr(self, "_tokenzoom_pending", {}),
+                                                      self.requests)
         report = getattr(model_runner_output, REPORT_ATTR, None)
         if report:
             for req_id, logical_blocks in report.items():
@@ -71,6 +77,23 @@ def _attach_results(outputs, results: dict[str, dict]) -> None:
         for out in engine_outputs.outputs:
             if out.request_id in results:
                 out.kv_transfer_params = {**(out.kv_transfer_params or {}), RESULTS_KEY: results[out.request_id]}
+
+
+def _attach_figures(outputs, figures: dict[str, dict], pending: dict[str, list], requests) -> dict[str, list]:
+    """Each request's figures ride on its next output (``kv_transfer_params[RESULTS_KEY][FIGURES_KEY]``,
+    a list of the steps' figures); a step that gave the request no output (a prefill chunk) keeps
+    them pending. Pending figures of a request the scheduler no longer holds (aborted) are dropped.
+    -> the figures still pending."""
+    for rid, fig in figures.items():
+        pending.setdefault(rid, []).append(fig)
+    for engine_outputs in outputs.values():
+        for out in engine_outputs.outputs:
+            steps = pending.pop(out.request_id, None)
+            if steps:
+                params = dict(out.kv_transfer_params or {})
+                params[RESULTS_KEY] = {**params.get(RESULTS_KEY, {}), FIGURES_KEY: steps}
+                out.kv_transfer_params = params
+    return {rid: steps for rid, steps in pending.items() if rid in requests}
 
 
 def with_mixin(base: type) -> type:
