@@ -55,3 +55,17 @@ def test_ttm_is_about_half_the_video_at_16_frames(vllm_runs, text_tokens):
     first = vllm_runs[PAPER]["outputs"][0]
     video_tokens = first["num_prompt_tokens"] - text_tokens
     assert video_tokens == 1481 and 0.45 < video_tokens / (16 * 196 + 1) < 0.5
+
+
+def test_ttm_after_preemption_answers_as_unpressured(tiny_model):
+    """Two 16-frame TTM requests (12-block prompts) with KV for both to decode 128 tokens, not more: one is preempted
+    and recomputed (its video encoded again, the same tokens kept); outputs equal the unpressured run."""
+    from vllm_tokenzoom.testing.offline import run_offline
+
+    requests = [dict(frames=16, seed=52, max_tokens=140), dict(frames=16, seed=53, max_tokens=140)]
+    config = {"tokenzoom": {"preset": "ttm"}}
+    pressured = run_offline(tiny_model, requests, config, batch=True,
+                            llm_kwargs={"num_gpu_blocks_override": 26, "max_model_len": 3072})["outputs"]
+    assert sum(o["num_preemptions"] for o in pressured) >= 1
+    alone = run_offline(tiny_model, requests, config)["outputs"]
+    assert [o["tokens"] for o in pressured] == [o["tokens"] for o in alone]
