@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import re
 import sys
@@ -180,11 +179,18 @@ def main(argv=None) -> None:
                                                                     args.burst)
         report.update(after(url, records, log))
     report.update(model=args.model, server_config=SERVER_CONFIG, settings=list(SETTINGS), max_tokens=args.max_tokens,
-                  machine=platform.processor() or platform.machine(), avx512=_avx512(),
+                  machine=machine(), avx512=_avx512(),
                   date=time.strftime("%Y-%m-%d"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
+
+
+def machine() -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ttft_ttm import machine as described
+
+    return described()
 
 
 def _avx512() -> bool:
