@@ -198,3 +198,16 @@ def test_a_short_soak_of_mixed_methods_cancellations_and_a_burst(server, media, 
     assert report["peak_kv_usage"] > 0  # the watcher saw the load it checks went away
     assert left["final_kv_usage"] == 0.0 and left["sessions_alive"] == 0 and left["tracebacks_in_log"] == 0, left
     assert left["sessions_released"] > 0
+
+
+def test_the_responses_api_reads_a_per_request_setting_too(server):
+    """/v1/responses takes the same vllm_xargs.tokenzoom as chat and completions: a bad one is a
+    400 naming it, a good one is served (a text input: the setting has nothing to act on)."""
+    body = {"model": "tiny", "input": "Name a colour.", "max_output_tokens": 4, "temperature": 0.0}
+    status, reply = post(server, {**body, "vllm_xargs": {"tokenzoom": '{"methods": {"ttm": {"prune_ratio": 1.5}}}'}},
+                         path="/v1/responses")
+    assert status == 400 and "prune_ratio = 1.5 is out of range" in reply["error"]["message"], reply
+    status, reply = post(server, {**body, "vllm_xargs": {"tokenzoom": '{"preset": "vas"}'}}, path="/v1/responses")
+    assert status == 400 and "vas" in reply["error"]["message"], reply
+    status, reply = post(server, {**body, "vllm_xargs": {"tokenzoom": '{"preset": "ttm"}'}}, path="/v1/responses")
+    assert status == 200 and reply["usage"]["output_tokens"] == 4, reply

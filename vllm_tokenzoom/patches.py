@@ -369,7 +369,7 @@ def _check_architecture(architectures) -> None:
 
 def _patch_request_entry() -> None:
     """Patches where a request enters: the OpenAI server's ``OnlineRenderer.preprocess_chat`` /
-    ``preprocess_cmpl`` (renderers/online_renderer.py:752, :715) and its module's
+    ``preprocess_cmpl`` / ``render_responses`` (renderers/online_renderer.py:752, :715, :319) and its module's
     ``validate_request_mm_kwargs`` (:15); offline ``LLM``'s ``_add_completion_requests`` /
     ``_add_chat_requests`` (entrypoints/common/offline.py:304, :403).
 
@@ -399,7 +399,7 @@ def _patch_request_entry() -> None:
         return orig_validate(mm_processor_kwargs=others or None, **kwargs)
 
     online_renderer.validate_request_mm_kwargs = validate_request_mm_kwargs
-    for name in ("preprocess_chat", "preprocess_cmpl"):
+    for name in ("preprocess_chat", "preprocess_cmpl", "render_responses"):
         setattr(OnlineRenderer, name, _with_request_setting(getattr(OnlineRenderer, name)))
     for name in ("_add_completion_requests", "_add_chat_requests"):
         setattr(OfflineInferenceMixin, name, _one_by_one_with_setting(getattr(OfflineInferenceMixin, name)))
@@ -414,10 +414,10 @@ def _with_request_setting(orig):
         from vllm_tokenzoom.requests import MM_KEY, XARG, entered
 
         mm = dict(getattr(request, "mm_processor_kwargs", None) or {})
-        if MM_KEY in mm:
+        xargs = getattr(request, "vllm_xargs", None) or {}
+        if MM_KEY in mm and mm[MM_KEY] != xargs.get(XARG):  # equal: set here (a Responses turn renders again)
             raise VLLMValidationError(f"mm_processor_kwargs.{MM_KEY} is tokenzoom's own; send a per-request "
                                       f"setting as vllm_xargs.{XARG} (a JSON string)", parameter="mm_processor_kwargs")
-        xargs = getattr(request, "vllm_xargs", None) or {}
         if XARG in xargs:
             try:
                 text = entered(xargs[XARG], self.model_config)
@@ -439,8 +439,9 @@ def _count_visual_tokens(rendered, model_config, text) -> None:
 
     config = config_of(model_config.hf_config, text=text)
     if config is not None:
-        inputs = rendered[1] if isinstance(rendered, tuple) else rendered  # chat: (conversation, inputs)
-        count_rendered(inputs, model_config, config)
+        # chat: (conversation, inputs); responses: a result holding one engine input (or an error)
+        inputs = rendered[1] if isinstance(rendered, tuple) else getattr(rendered, "engine_input", rendered)
+        count_rendered(inputs if isinstance(inputs, (list, tuple)) else [inputs], model_config, config)
 
 
 def _one_by_one_with_setting(orig):
