@@ -8,10 +8,8 @@ not run-time: ``install/cpu_env.py``.)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
-import sys
 from typing import Any
 
 # a child of vLLM's logger, so lines carry its format and process prefix
@@ -202,7 +200,7 @@ def _patch_engine_args() -> None:
     - ``from_cli_args`` turns ``--plugin tokenzoom`` into ``additional_config["tokenzoom"]``
       (the default preset unless the user configured tokenzoom) and validates it, so a bad
       server config fails right after argument parsing; on the command line every refusal is
-      one line and exit status 2 (``_one_line_refusal``), no traceback;
+      one line and exit status 2 (``cli.one_line_refusal``), no traceback;
     - ``create_engine_config`` (offline ``LLM(...)`` and the server both pass through it)
       validates the config, checks the vLLM version and the model architecture, and hands
       the resolved config to the model and its processor through ``hf_overrides``
@@ -210,6 +208,8 @@ def _patch_engine_args() -> None:
     Remove when: vLLM grows a plugin-config hook that runs before the engine starts.
     """
     from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_tokenzoom.cli import check_json, json_named, one_line_refusal
 
     if getattr(EngineArgs, _PATCHED, False):
         return
@@ -226,14 +226,14 @@ def _patch_engine_args() -> None:
         )
         for action in parser._actions:
             if "--additional-config" in action.option_strings and action.type is not None:
-                action.type = _json_named(action.type)
+                action.type = json_named(action.type)
         return parser
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = orig_from(cls, args)
         plugin = "tokenzoom" in (getattr(args, "plugin", None) or [])
-        with _one_line_refusal(on_cli=True):
-            _check_json(engine_args.additional_config, plugin)
+        with one_line_refusal(on_cli=True):
+            check_json(engine_args.additional_config, plugin)
             if plugin:
                 engine_args.additional_config = enable_in(engine_args.additional_config)
             from vllm_tokenzoom.config import parse_config
@@ -247,7 +247,7 @@ def _patch_engine_args() -> None:
 
         if not isinstance(self.additional_config, dict) or CONFIG_KEY not in self.additional_config:
             return orig_create(self, *args, **kwargs)  # tokenzoom not asked for: none of its code runs
-        with _one_line_refusal(on_cli=getattr(self, "_tokenzoom_cli", False)):
+        with one_line_refusal(on_cli=getattr(self, "_tokenzoom_cli", False)):
             return _create_engine_config(self, orig_create, *args, **kwargs)
 
     def _create_engine_config(self, orig_create, *args, **kwargs):
@@ -280,57 +280,6 @@ def _patch_engine_args() -> None:
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
     setattr(EngineArgs, _PATCHED, True)
-
-
-@contextlib.contextmanager
-def _one_line_refusal(on_cli: bool):
-    """A configuration mistake made on the command line (``vllm serve``, ``vllm bench``) is one
-    line on stderr and exit status 2, as argparse says a bad argument; no traceback. Offline
-    (``LLM(...)``) the :class:`TokenZoomConfigError` propagates to the caller."""
-    from vllm_tokenzoom.errors import TokenZoomConfigError
-
-    try:
-        yield
-    except TokenZoomConfigError as e:
-        if not on_cli:
-            raise
-        print(f"tokenzoom: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def _json_named(parse):
-    """``--additional-config``'s argparse type: a text that mentions tokenzoom and is not JSON is
-    refused saying where the JSON breaks (vLLM says only "cannot be converted to <function loads>")."""
-    def additional_config(text: str):
-        if "tokenzoom" in text:
-            import json
-
-            try:
-                json.loads(text)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e}); allowed: a JSON object, "
-                                                  "e.g. '{\"tokenzoom\": {\"preset\": \"ttm\"}}'") from None
-        return parse(text)
-
-    return additional_config
-
-
-def _check_json(additional_config, plugin: bool) -> None:
-    """vLLM keeps an ``--additional-config`` that is not JSON as a string (and later fails on it
-    in its config validation); with tokenzoom asked for, it is named as what it is."""
-    if not isinstance(additional_config, str) or not (plugin or "tokenzoom" in additional_config):
-        return
-    import json
-
-    from vllm_tokenzoom.errors import TokenZoomConfigError
-
-    try:
-        json.loads(additional_config)
-        problem = "is not a JSON object"
-    except ValueError as e:
-        problem = f"is not valid JSON ({e})"
-    raise TokenZoomConfigError(f"--additional-config {additional_config!r} {problem}; allowed: a JSON object, "
-                               "e.g. '{\"tokenzoom\": {\"preset\": \"ttm\"}}'")
 
 
 def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -571,6 +520,8 @@ def _patch_media_errors() -> None:
     """
     from vllm.multimodal.media.connector import MediaConnector
 
+    from vllm_tokenzoom.media_errors import media_error
+
     if getattr(MediaConnector, _PATCHED, False):
         return
     orig_sync, orig_async = MediaConnector.load_from_url, MediaConnector.load_from_url_async
@@ -579,66 +530,17 @@ def _patch_media_errors() -> None:
         try:
             return orig_sync(self, url, *args, **kwargs)
         except Exception as e:
-            raise _media_error(url, e) from e
+            raise media_error(url, e) from e
 
     async def load_from_url_async(self, url, *args, **kwargs):
         try:
             return await orig_async(self, url, *args, **kwargs)
         except Exception as e:
-            raise _media_error(url, e) from e
+            raise media_error(url, e) from e
 
     MediaConnector.load_from_url = load_from_url
     MediaConnector.load_from_url_async = load_from_url_async
     setattr(MediaConnector, _PATCHED, True)
-
-
-def _media_error(url: str, error: Exception) -> Exception:
-    """The error a client gets for a media URL that could not be fetched (``error`` itself when
-    it is not one of the cases ``_patch_media_errors`` names)."""
-    import asyncio
-    from http import HTTPStatus
-
-    from vllm.exceptions import GracefulHTTPError, VLLMValidationError
-
-    shown = url if len(url) <= 200 else url[:200] + "..."
-    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
-        return VLLMValidationError(f"media URL {shown!r}: no such file", parameter="url")
-    if isinstance(error, IsADirectoryError):
-        return VLLMValidationError(f"media URL {shown!r} is a directory, not a file", parameter="url")
-    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
-        return GracefulHTTPError(f"media URL {shown!r}: the host did not answer in time", HTTPStatus.GATEWAY_TIMEOUT)
-    cause = _connection_failure(error)
-    if cause is not None:
-        return VLLMValidationError(f"media URL {shown!r} cannot be fetched: {cause}", parameter="url")
-    return error
-
-
-def _connection_failure(error: Exception) -> str | None:
-    import socket
-
-    try:
-        import aiohttp
-
-        if isinstance(error, aiohttp.ClientConnectorDNSError):
-            return "its host name cannot be resolved"
-        if isinstance(error, aiohttp.ClientConnectorError):
-            return f"the connection failed ({error.os_error.strerror or error.os_error})"
-    except ImportError:
-        pass
-    try:
-        import requests
-
-        if isinstance(error, requests.exceptions.ConnectionError):
-            text = str(error)
-            return "its host name cannot be resolved" if ("resolve" in text or "Name or service" in text) \
-                else "the connection failed"
-    except ImportError:
-        pass
-    if isinstance(error, socket.gaierror):
-        return "its host name cannot be resolved"
-    if isinstance(error, ConnectionError):
-        return f"the connection failed ({error})"
-    return None
 
 
 def _patch_output_processor() -> None:

@@ -134,10 +134,7 @@ class TokenView:
     def multiplicity(self, layer: int, position: int) -> torch.Tensor | None:
         """[V] float32 the policy layers' product for the query at ``position`` at ``layer``;
         None when all ones. (Death layers are not in it: a dead token is not in the layer's cache.)"""
-        out = None
-        for value in self.factors(layer, position):
-            out = value.float() if out is None else out * value
-        return out
+        return _product(self.factors(layer, position))
 
     def read_share(self, position: int) -> float:
         """The share of the visual tokens the query at ``position`` reads (multiplicity > 0 in the
@@ -153,10 +150,7 @@ class TokenView:
         for factors, layers in groups.values():
             death = self.death
             if factors:
-                m = factors[0].float()
-                for value in factors[1:]:
-                    m = m * value
-                death = death[(m > 0).cpu()]
+                death = death[(_product(factors) > 0).cpu()]
             alive_from = torch.bincount(death, minlength=self.num_layers).flip(0).cumsum(0).flip(0)  # [L] death >= l
             read += int(alive_from[layers].sum())
         return read / (self.num_layers * self.num_visual)
@@ -173,3 +167,11 @@ class TokenView:
             if p.permanent and p.first_layer == 0 and p.forever is not None:
                 out |= p.forever.cpu()
         return out
+
+
+def _product(factors) -> torch.Tensor | None:
+    """[V] float32 the product of a layer's policy values (None: none, all ones)."""
+    out = None
+    for value in factors:
+        out = value.float() if out is None else out * value
+    return out

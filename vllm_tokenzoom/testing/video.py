@@ -33,23 +33,20 @@ def make_video(num_frames: int = 16, height: int = 360, width: int = 480, seed: 
 
 def write_mp4(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     """Write [T, H, W, 3] RGB frames as an mp4 (mp4v) that vLLM's OpenCV loader reads."""
-    import cv2
-
-    path = Path(path)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (frames.shape[2], frames.shape[1]))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-    return path
+    return _write(frames, path, "mp4v", fps)
 
 
 def write_lossless(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
     """Write [T, H, W, 3] RGB frames as an FFV1 .avi: lossless (decoded pixels equal ``frames``),
     read by vLLM's OpenCV loader as any video file."""
+    return _write(frames, path, "FFV1", fps)
+
+
+def _write(frames: np.ndarray, path: str | Path, codec: str, fps: float) -> Path:
     import cv2
 
     path = Path(path)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), fps, (frames.shape[2], frames.shape[1]))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (frames.shape[2], frames.shape[1]))
     for frame in frames:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
