@@ -18,7 +18,7 @@ endif
 
 install: $(VENV)/.tokenzoom-installed
 
-$(VENV)/.tokenzoom-installed: setup.py pyproject.toml csrc/*.cpp install/cpu_env.py install/_tokenzoom_cpu_env.py Makefile
+$(VENV)/.tokenzoom-installed: setup.py pyproject.toml csrc/*.cpp install/cpu_env.py install/_tokenzoom_cpu_env.py install/vllm_tokenzoom_plugin_guard.pth Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
@@ -28,6 +28,8 @@ $(VENV)/.tokenzoom-installed: setup.py pyproject.toml csrc/*.cpp install/cpu_env
 	# no build isolation: the C++ extension compiles against the torch installed above;
 	# the extras: what the demo, the tests, the pictures and the benchmarks use
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,tokenmap,bench]"
+	# the start-up line the wheel carries (vllm_tokenzoom/plugin_guard.py): an editable install has none
+	$(PY) -c "import shutil, sysconfig; shutil.copy('install/vllm_tokenzoom_plugin_guard.pth', sysconfig.get_paths()['purelib'])"
 	touch $@
 
 $(MODELS)/tiny/config.json: | install

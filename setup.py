@@ -1,7 +1,9 @@
 """tokenzoom: video-token compression inside vLLM's paged KV cache (a vLLM plugin)."""
 import platform
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The C++ CPU kernels build without CUDA (CPU machines, CI). The CUDA path needs no
@@ -20,6 +22,20 @@ if platform.machine() in ("x86_64", "AMD64"):
     EXTS = [cpu_kernels("vllm_tokenzoom._C_avx512", "x86-64-v4"), cpu_kernels("vllm_tokenzoom._C_avx2", "x86-64-v3")]
 else:
     EXTS = [cpu_kernels("vllm_tokenzoom._C", None)]
+
+# The wheel carries one start-up line (vllm_tokenzoom/plugin_guard.py says why): at the
+# site-packages root, where site.py runs it. An editable install gets it from `make install`.
+PTH = "vllm_tokenzoom_plugin_guard.pth"
+
+
+class build_py_with_pth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(str(Path(__file__).parent / "install" / PTH), str(Path(self.build_lib) / PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        return super().get_outputs(include_bytecode) + [str(Path(self.build_lib) / PTH)]
+
 
 setup(
     name="vllm-tokenzoom",
@@ -44,5 +60,5 @@ setup(
     },
     entry_points={"vllm.general_plugins": ["tokenzoom = vllm_tokenzoom:register"]},
     ext_modules=EXTS,
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtension, "build_py": build_py_with_pth},
 )

@@ -1,5 +1,6 @@
 """Bad server or engine config is refused before the model loads, with a message naming it."""
 import json
+import os
 import subprocess
 import sys
 
@@ -355,3 +356,52 @@ def test_cuda_set_up_picks_the_backend_and_the_v1_runner_without_touching_the_en
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(TokenZoomConfigError, match="VLLM_USE_V2_MODEL_RUNNER=1 cannot run"):
         fit_engine_args(plain, parse_config(dycoke))
+
+
+# VLLM_PLUGINS leaving tokenzoom out: vLLM loads none of the plugin, so the start-up hook
+# (vllm_tokenzoom/plugin_guard.py, a .pth line in site-packages) must say it.
+@pytest.mark.parametrize("plugins,argv", [
+    ("lora_filesystem_resolver", ["--plugin", "tokenzoom"]),
+    ("", ["--additional-config", '{"tokenzoom": {"preset": "ttm"}}']),
+])
+def test_vllm_serve_names_vllm_plugins_that_leave_tokenzoom_out(tiny_model, plugins, argv):
+    proc = subprocess.run([vllm_cli(), "serve", *cpu_serve_args(tiny_model), *argv, "--port", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "VLLM_PLUGINS": plugins})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "tokenzoom: error" in x]
+    assert f"VLLM_PLUGINS={plugins!r} leaves the tokenzoom plugin out" in line
+    assert f"allowed: add it (VLLM_PLUGINS={','.join(filter(None, [plugins, 'tokenzoom']))!r}) or unset" in line
+    assert "Traceback" not in proc.stderr and "Loading safetensors" not in proc.stderr
+
+
+_OFFLINE = """
+import sys
+from vllm import LLM
+from vllm_tokenzoom.errors import TokenZoomConfigError
+try:
+    LLM(model=sys.argv[1], additional_config={"tokenzoom": {"preset": "dycoke"}}, max_model_len=4096)
+except TokenZoomConfigError as e:
+    print("REFUSED", e)
+from vllm.engine.arg_utils import EngineArgs
+EngineArgs(model=sys.argv[1], max_model_len=4096).create_engine_config()  # no tokenzoom: untouched
+print("PLAIN OK")
+"""
+
+
+def test_offline_llm_names_vllm_plugins_that_leave_tokenzoom_out(tiny_model):
+    proc = subprocess.run([sys.executable, "-c", _OFFLINE, tiny_model], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "VLLM_PLUGINS": "lora_filesystem_resolver"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refused, plain = [x for x in proc.stdout.splitlines() if x.startswith(("REFUSED", "PLAIN"))]
+    assert "a 'tokenzoom' key in --additional-config: VLLM_PLUGINS='lora_filesystem_resolver' leaves" in refused
+    assert plain == "PLAIN OK"
+
+
+def test_vllm_plugins_naming_tokenzoom_loads_it(tiny_model):
+    """The hook stays out of the way: with tokenzoom named, the plugin's own checks answer."""
+    bad = {"tokenzoom": {"preset": "nope"}}
+    proc = subprocess.run([vllm_cli(), "serve", *cpu_serve_args(tiny_model), "--plugin", "tokenzoom",
+                           "--additional-config", json.dumps(bad), "--port", "0"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "VLLM_PLUGINS": "lora_filesystem_resolver,tokenzoom"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "tokenzoom: error: tokenzoom.preset = 'nope'" in proc.stderr and "VLLM_PLUGINS" not in proc.stderr

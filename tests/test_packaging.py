@@ -78,3 +78,28 @@ def test_installed_wheel_picks_its_kernel_build_at_run_time(wheel, tmp_path):
         assert "_C_avx2 portable" in lines
         if picked == "_C_avx512":  # only an AVX-512 CPU can load the AVX-512 build
             assert "_C_avx512 avx512" in lines
+
+
+def test_installed_wheel_guards_vllm_plugins_at_start_up(wheel, tmp_path):
+    """The wheel's start-up line (site-packages root) arms the VLLM_PLUGINS guard when the variable
+    leaves tokenzoom out; with it unset nothing of tokenzoom is imported, naming tokenzoom arms nothing."""
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vllm_tokenzoom_plugin_guard.pth" in names and "vllm_tokenzoom/plugin_guard.py" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
+    code = ("import site, sys\n"
+            "site.addsitedir(sys.argv[1])\n"  # as site.py treats site-packages: its .pth lines run
+            "guard = sys.modules.get('vllm_tokenzoom.plugin_guard')\n"
+            "print(guard is not None and guard.__file__.startswith(sys.argv[1]),\n"
+            "      any(type(f).__name__ == '_ArgUtilsFinder' for f in sys.meta_path))\n")
+    for plugins, expect in ((None, "False False"), ("tokenzoom", "True False"), ("other", "True True"),
+                            ("", "True True"), ("other,tokenzoom", "True False")):
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
+        if plugins is not None:
+            env["VLLM_PLUGINS"] = plugins
+        # -S: no site-packages of this venv (its own copy of the line), only the wheel's
+        out = subprocess.run([sys.executable, "-S", "-c", code, str(target)], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=60)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip() == expect, (plugins, out.stdout)

@@ -58,6 +58,61 @@ def apply_version_guard_only() -> None:
     setattr(EngineArgs, _PATCHED, True)
 
 
+def apply_plugins_guard_only(vllm_plugins: str) -> None:
+    """Without the plugin loaded (``VLLM_PLUGINS`` leaves it out): asking for tokenzoom is refused.
+
+    Why: vLLM then rejects ``--plugin tokenzoom`` only as an unrecognized argument and ignores a
+    ``tokenzoom`` key silently: the server would run uncompressed.
+    How: applied by the start-up hook ``plugin_guard.py`` (never by the plugin). ``--plugin`` exists
+    and refuses, naming ``VLLM_PLUGINS``; ``create_engine_config`` with a ``tokenzoom`` key raises
+    (one line and exit 2 on the command line). Idempotent.
+    Remove when: vLLM refuses configuration keys of plugins it did not load.
+    """
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_tokenzoom.cli import one_line_refusal
+    from vllm_tokenzoom.errors import TokenZoomConfigError
+
+    if getattr(EngineArgs, "_tokenzoom_guarded", False):
+        return
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+    problem = (f"VLLM_PLUGINS={vllm_plugins!r} leaves the tokenzoom plugin out, so vLLM does not load it and "
+               "would serve without compression; allowed: add it (VLLM_PLUGINS="
+               f"{','.join([p for p in vllm_plugins.split(',') if p] + ['tokenzoom'])!r}) or unset VLLM_PLUGINS")
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            with one_line_refusal(on_cli=True):
+                raise TokenZoomConfigError(f"{option_string} {values}: {problem}")
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = orig_add(parser, *args, **kwargs)
+        if "--plugin" not in parser._option_string_actions:
+            parser.add_argument("--plugin", action=Refuse, metavar="NAME", help=argparse.SUPPRESS)
+        return parser
+
+    def check(additional_config, on_cli: bool) -> None:
+        if isinstance(additional_config, dict) and "tokenzoom" in additional_config:
+            with one_line_refusal(on_cli):
+                raise TokenZoomConfigError(f"a 'tokenzoom' key in --additional-config: {problem}")
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = orig_from(cls, args)
+        check(engine_args.additional_config, on_cli=True)
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        check(self.additional_config, on_cli=False)
+        return orig_create(self, *args, **kwargs)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._tokenzoom_guarded = True
+
+
 def _register_model() -> None:
     """Registration, not a patch: vLLM's supported way to replace a model class.
 
