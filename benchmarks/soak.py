@@ -1,14 +1,18 @@
 """Soak a live ``vllm serve --plugin tokenzoom``: many mixed requests through a bounded client.
 
-Every request is a video chat (or, some, text only) with a per-request method (the server's
-default ``dycoke``, ``ttm`` at two ratios, ``dp``, ``fastv``, ``ata``), streamed or not; a share
-of them is cancelled by the client mid-flight (the stream closed after a chunk or two). First each
-distinct request is sent alone; then a burst of ``--burst`` at once; then ``--requests`` through
-``--concurrency`` workers. Every reply that completes must equal its request sent alone (greedy,
-fp32). Afterwards: vLLM's KV usage back to 0, no tokenzoom session alive (the worker's
-``TOKENZOOM_TRACE_DIR`` markers), no traceback in the server log. Writes a JSON report.
+Every request is a video chat (or, some, text only) with a per-request method, streamed or not;
+a share of them is cancelled by the client mid-flight (the stream closed after a chunk or two).
+``--methods every`` (the default; needs a model of 12 layers, e.g. the tiny-deep one) mixes the
+server's default ``dycoke`` with ``ttm`` at two ratios, ``dp``, ``fastv``, ``ata``, ``vas``,
+``cascade`` and ``zoomvlm`` (two passes); ``--methods base`` the first six (any model, as CI's
+short run). First each distinct request is sent alone; then a burst of ``--burst`` at once; then
+``--requests`` through ``--concurrency`` workers. Every reply that completes must equal its
+request sent alone (greedy, fp32). Afterwards: vLLM's KV usage back to 0, no tokenzoom session
+alive (the worker's ``TOKENZOOM_TRACE_DIR`` markers), no traceback in the server log. Writes a
+JSON report.
 
-    .venv/bin/python benchmarks/soak.py --model models/tiny --requests 1000 \\
+    .venv/bin/python -m vllm_tokenzoom.testing.tiny_model --out models/tiny-deep --preset tiny-deep
+    .venv/bin/python benchmarks/soak.py --model models/tiny-deep --requests 1000 \\
         --out benchmarks/results/soak.json
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SERVER_CONFIG = {"tokenzoom": {"preset": "dycoke", "per_request": ["ttm", "dp", "fastv", "ata"]}}
-SETTINGS = {  # name -> the request's tokenzoom setting (None: the server's default)
+BASE = {  # name -> the request's tokenzoom setting (None: the server's default)
     "dycoke": None,
     "ttm": {"preset": "ttm"},
     "ttm-0.5": {"methods": {"ttm": {"prune_ratio": 0.5}}},
@@ -40,6 +44,13 @@ SETTINGS = {  # name -> the request's tokenzoom setting (None: the server's defa
     "fastv": {"methods": {"fastv": {}}},
     "ata": {"methods": {"ata": {"first_score_layer": 1, "last_score_layer": 3, "every": 1, "copies": 8, "drops": 8}}},
 }
+# every method: VOA's settings small enough that both passes run within --max-tokens 16
+EVERY_SERVER_CONFIG = {"tokenzoom": {"preset": "dycoke",
+                                     "per_request": ["ttm", "dp", "fastv", "ata", "vas", "voa"]}}
+EVERY = {**BASE, "vas": {"preset": "vas"}, "cascade": {"preset": "cascade"},
+         "zoomvlm": {"methods": {"voa": {"keyframes": 4, "probe_tokens": 6},
+                                 "ata": {"every": 1, "copies": 8, "drops": 8}}}}
+SETS = {"base": (SERVER_CONFIG, BASE), "every": (EVERY_SERVER_CONFIG, EVERY)}
 QUESTION = "What happens in this video?"
 
 
@@ -50,8 +61,8 @@ def kv_usage(url: str) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, videos: list[Path], max_tokens: int, seed: int):
-        self.url, self.videos, self.max_tokens = url, videos, max_tokens
+    def __init__(self, url: str, videos: list[Path], max_tokens: int, seed: int, settings: dict = BASE):
+        self.url, self.videos, self.max_tokens, self.settings = url, videos, max_tokens, settings
         self.client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=900)
         self.model = self.client.models.list().data[0].id
         self.rng = random.Random(seed)
@@ -63,14 +74,15 @@ class Soak:
 
     def keys(self) -> list[tuple]:
         """Every distinct request: (video index or None for text only, setting name)."""
-        return [(v, s) for v in range(len(self.videos)) for s in SETTINGS] + [(None, "dycoke")]
+        return [(v, s) for v in range(len(self.videos)) for s in self.settings] + [(None, "dycoke")]
 
     def send(self, key: tuple, stream: bool, cancel_after: int | None = None) -> str | None:
         """The reply's text (None: cancelled)."""
         video, setting = key
         content = ([{"type": "video_url", "video_url": {"url": f"file://{self.videos[video]}"}}] if video is not None
                    else []) + [{"type": "text", "text": QUESTION}]
-        extra = {} if SETTINGS[setting] is None else {"vllm_xargs": {"tokenzoom": json.dumps(SETTINGS[setting])}}
+        chosen = self.settings[setting]
+        extra = {} if chosen is None else {"vllm_xargs": {"tokenzoom": json.dumps(chosen)}}
         kwargs = dict(model=self.model, temperature=0.0, max_tokens=self.max_tokens, extra_body=extra,
                       messages=[{"role": "user", "content": content}])
         if not stream:
@@ -157,7 +169,8 @@ def videos_in(folder: Path, count: int) -> list[Path]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/tiny")
+    ap.add_argument("--model", default="models/tiny-deep")
+    ap.add_argument("--methods", choices=sorted(SETS), default="every")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--burst", type=int, default=32)
@@ -172,13 +185,14 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="tz-soak-"))
     records = work / "records"
     videos = videos_in(work, args.videos)
-    serve = cpu_serve_args(args.model, num_frames=16, media_dir=str(work))
-    serve += ["--plugin", "tokenzoom", "--additional-config", json.dumps(SERVER_CONFIG)]
+    server_config, settings = SETS[args.methods]
+    serve = cpu_serve_args(args.model, num_frames=16, media_dir=str(work)) + ["--max-num-batched-tokens", "8192"]
+    serve += ["--plugin", "tokenzoom", "--additional-config", json.dumps(server_config)]
     with vllm_server(serve, env={"TOKENZOOM_TRACE_DIR": str(records)}) as (url, log):
-        report = Soak(url, videos, args.max_tokens, args.seed).run(args.requests, args.concurrency, args.cancel,
-                                                                    args.burst)
+        report = Soak(url, videos, args.max_tokens, args.seed, settings).run(args.requests, args.concurrency,
+                                                                              args.cancel, args.burst)
         report.update(after(url, records, log))
-    report.update(model=args.model, server_config=SERVER_CONFIG, settings=list(SETTINGS), max_tokens=args.max_tokens,
+    report.update(model=args.model, server_config=server_config, settings=settings, max_tokens=args.max_tokens,
                   machine=machine(), avx512=_avx512(),
                   date=time.strftime("%Y-%m-%d"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
