@@ -124,6 +124,11 @@ class PreLLMPolicy(Policy):
         """The frames ``apply`` reads (the vision tower runs on these only); None: all."""
         return None
 
+    def tower_reuse(self) -> str | None:
+        """``"keep"``: a later pass of the request reads the same frames, so the vision path's
+        output is kept for it; ``"take"``: this pass reads what an earlier one kept; None."""
+        return None
+
     def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, "KeptTokens"]:
         """frames: [T, N, D] -> (kept tokens [K, D], where each came from). Frames outside
         ``frames_used`` hold zeros."""

@@ -110,6 +110,10 @@ class VOA(PreLLMPolicy):
         """The overview's frames and the keyframes (the vision tower runs on these only)."""
         return sorted(set(self.overview_frames(num_frames)) | set(self.chosen or ()))
 
+    def tower_reuse(self) -> str:
+        """The second pass's frames are the first's (the keyframes are overview frames, §4.2)."""
+        return "keep" if self.chosen is None else "take"
+
     def num_kept_tokens(self, num_frames: int, tokens_per_frame: int) -> int:
         self.check_frames(num_frames)
         return len(self.overview_frames(num_frames)) * self.grid ** 2 + len(self.chosen or ()) * tokens_per_frame

@@ -36,6 +36,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm_tokenzoom import requests
 from vllm_tokenzoom.config import parse_config
 from vllm_tokenzoom.methods.base import KeptTokens
+from vllm_tokenzoom.models import tower_memo
 from vllm_tokenzoom.models.decoder_loop import forward_dropping_rows
 from vllm_tokenzoom.patches import HF_CONFIG_ATTR
 from vllm_tokenzoom.v1.worker import step as steps
@@ -152,6 +153,7 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         self.tokenzoom_videos: list[str] | None = None  # the current encoder call's per-video settings
         # what the pre-LLM stage kept of the most recent videos (tests and debugging: `LLM.apply_model`)
         self.tokenzoom_trace: deque[KeptTokens] = deque(maxlen=64)
+        self.tokenzoom_tower = tower_memo.TowerMemo()  # vision-path outputs kept for a request's next pass
         lm = self.language_model.model
         self.tokenzoom_layer_names = [layer.self_attn.attn.layer_name for layer in lm.layers[lm.start_layer:lm.end_layer]]
 
@@ -171,24 +173,45 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
     def _process_video_pixels(self, inputs):
         pixels = inputs["pixel_values_videos"]
         frames = [pixels.shape[1]] * pixels.shape[0] if isinstance(pixels, torch.Tensor) else [len(v) for v in pixels]
-        policies = used = None
-        if self.tokenzoom is not None:
-            own = self.tokenzoom_videos or [None] * len(frames)
-            policies = [self.tokenzoom_for(text).pre_llm for text in own]
-            used = [None if p is None else p.frames_used(t) for p, t in zip(policies, frames)]
-            if any(u is not None for u in used):  # the tower runs on the frames a policy reads only
-                # the stock method reads only the pixels (a plain mapping serves it)
-                inputs = {"pixel_values_videos": [v if u is None else v[u] for v, u in zip(pixels, used)]}
+        if self.tokenzoom is None:
+            return self._vision_path(inputs)
+        own = self.tokenzoom_videos or [None] * len(frames)
+        policies = [self.tokenzoom_for(text).pre_llm for text in own]
+        used = [None if p is None else p.frames_used(t) for p, t in zip(policies, frames)]
+        reuse = [None if p is None else p.tower_reuse() for p in policies]
+        if any(r is not None for r in reuse):
+            videos = self._vision_path_once(pixels, used, reuse)
+        elif any(u is not None for u in used):  # the tower runs on the frames a policy reads only
+            # the stock method reads only the pixels (a plain mapping serves it)
+            videos = self._vision_path({"pixel_values_videos": [v if u is None else v[u] for v, u in zip(pixels, used)]})
+        else:
+            videos = self._vision_path(inputs)
+        return [self._apply_pre_llm(self._all_frames(video, t, u), t, p)
+                for video, t, u, p in zip(videos, frames, used, policies)]
+
+    def _vision_path(self, inputs):
+        """The stock tower, projector and pooling: per video [F * N + 1, D] (a list, or a batched tensor)."""
         videos = super()._process_video_pixels(inputs)
         if not isinstance(videos, torch.Tensor):
             # Upstream bug (vLLM 0.32): videos of different lengths in one batch take this list
             # path, which returns [1, N, D] per video; vLLM's own sanity check wants [N, D] and
             # the engine dies. Every video is returned as [N, D] here, tokenzoom on or off.
             videos = [video[0] for video in videos]
-        if policies is None:
-            return videos
-        return [self._apply_pre_llm(self._all_frames(video, t, u), t, p)
-                for video, t, u, p in zip(videos, frames, used, policies)]
+        return videos
+
+    def _vision_path_once(self, pixels, used, reuse) -> list[torch.Tensor]:
+        """The vision path, each frame once per request: what a first pass keeps a second takes."""
+        keys = [None if r is None else tower_memo.key_of(v, u) for v, u, r in zip(pixels, used, reuse)]
+        videos = [self.tokenzoom_tower.take(k, v.device) if r == "take" else None
+                  for k, r, v in zip(keys, reuse, pixels)]
+        todo = [i for i, video in enumerate(videos) if video is None]
+        if todo:
+            selected = [pixels[i] if used[i] is None else pixels[i][used[i]] for i in todo]
+            for i, video in zip(todo, self._vision_path({"pixel_values_videos": selected})):
+                videos[i] = video
+                if reuse[i] == "keep":
+                    self.tokenzoom_tower.keep(keys[i], video)
+        return videos
 
     @staticmethod
     def _all_frames(video: torch.Tensor, num_frames: int, used: list[int] | None) -> torch.Tensor:

@@ -1,0 +1,41 @@
+"""The vision path's output kept between a request's passes (``models/tower_memo.py``): a hit is
+exactly what the tower would compute again, the memo never holds more than its bound, and a
+second pass takes (frees) what the first kept."""
+import torch
+
+from vllm_tokenzoom.models.tower_memo import TowerMemo, key_of
+
+
+def test_the_key_is_the_pixels_and_the_frames_encoded():
+    video = torch.rand(6, 3, 8, 8)
+    assert key_of(video, [0, 2]) == key_of(video.clone(), [0, 2])
+    assert key_of(video, [0, 2]) != key_of(video, [0, 3])  # other frames encoded
+    assert key_of(video, None) != key_of(video, list(range(6)))  # same pixels, said differently: not merged
+    other = video.clone()
+    other[2, 1, 4, 4] += 1e-6  # one value of an encoded frame
+    assert key_of(video, [0, 2]) != key_of(other, [0, 2])
+    # a frame not encoded does not change what the tower computes
+    other = video.clone()
+    other[5] = 0
+    assert key_of(video, [0, 2]) == key_of(other, [0, 2])
+    assert key_of(video.double(), None) != key_of(video, None)
+
+
+def test_a_second_pass_takes_what_the_first_kept():
+    memo, features = TowerMemo(), torch.rand(23, 4)
+    memo.keep("a", features)
+    assert torch.equal(memo.take("a"), features)
+    assert memo.take("a") is None and memo.bytes == 0  # taken: freed
+
+
+def test_the_memo_drops_its_oldest_entries_beyond_its_bound():
+    size = 10 * 4 * 4  # a [10, 4] float32
+    memo = TowerMemo(max_bytes=2 * size)
+    for key in "abc":
+        memo.keep(key, torch.rand(10, 4))
+    assert list(memo.entries) == ["b", "c"] and memo.bytes == 2 * size
+    memo.keep("b", torch.rand(10, 4))  # kept again: the newest
+    memo.keep("d", torch.rand(10, 4))
+    assert list(memo.entries) == ["b", "d"] and memo.bytes == 2 * size
+    memo.keep("huge", torch.rand(100, 4))  # over the bound alone: not kept, nothing evicted for it
+    assert list(memo.entries) == ["b", "d"]
