@@ -85,7 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--settings", default=",".join(NAMES), help="comma-separated subset of " + ",".join(NAMES))
     ap.add_argument("--quick", action="store_true",
                     help="models/tiny, 16 tokens, requests = max(2, concurrency) per level (~3 min on 2 cores)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder for the results (default: benchmarks/results)")
     args = ap.parse_args(argv)
+    results = Path(args.out)
     minimum = 8
     if args.quick:
         args.model, args.tokens, args.requests, minimum = "models/tiny", 16, 1, 2
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
     datasets = write_dataset(media, args.frames, levels)
     log_path = media / "bench_serve.log"
     t0, rows, failed = time.time(), [], []
-    RESULTS.mkdir(exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     # one server per engine config: vanilla and the oracles share one, each oracle asking for
     # fewer frames per request (vLLM's request-level media_io_kwargs)
     servers: dict[str, dict[str, dict]] = {}
@@ -136,15 +138,15 @@ def main(argv=None) -> None:
                 settings=f"vllm serve (fp32, eager, caches off, VLLM_CPU_KVCACHE_SPACE={CPU_ENV['VLLM_CPU_KVCACHE_SPACE']}) "
                          f"+ vllm bench serve, {args.frames}-frame mp4s, {args.tokens} tokens",
                 failed_settings=",".join(failed), wall_s=round(time.time() - t0))
-    append_csv(RESULTS / "serve.csv", meta, rows)
-    (RESULTS / "serve.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    append_csv(results / "serve.csv", meta, rows)
+    (results / "serve.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     columns = {"setting": "setting", "frames": "frames", "concurrency": "concurrency", "requests": "requests",
                "req_s": "req/s", "ttft_p50_s": "TTFT p50 (s)", "latency_p50_s": "latency p50 (s)",
                "out_tok_s": "output tok/s"}
-    (RESULTS / "serve_latest.md").write_text(markdown(rows, columns, meta))
-    plot(rows, meta, RESULTS / "serve.png")
-    print((RESULTS / "serve_latest.md").read_text())
-    print(f"wrote {RESULTS}/serve.csv, serve.json, serve.png, serve_latest.md (the client's "
+    (results / "serve_latest.md").write_text(markdown(rows, columns, meta))
+    plot(rows, meta, results / "serve.png")
+    print((results / "serve_latest.md").read_text())
+    print(f"wrote {results}/serve.csv, serve.json, serve.png, serve_latest.md (the client's "
           f"reports: {log_path}) in {meta['wall_s']} s")
 
 

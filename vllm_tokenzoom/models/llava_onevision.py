@@ -20,6 +20,7 @@ With tokenzoom off (no ``tokenzoom`` attribute on the HF config) both are the st
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import deque
@@ -67,6 +68,23 @@ def _tokenizer(model_config):
     from vllm.tokenizers.registry import cached_tokenizer_from_config
 
     return cached_tokenizer_from_config(model_config)
+
+
+@contextlib.contextmanager
+def _one_host_thread(tensor: torch.Tensor):
+    """A pre-LLM policy's few small ops on CPU run in one thread. On cores shared with another
+    process (vLLM's API server decoding videos next to the engine, or another job) every
+    parallel region waits for a descheduled sibling thread: TTM on 16 frames took 66 ms with 2
+    threads vs 2.4 ms with one, on 2 cores shared with a training run (docs/measurements.md)."""
+    threads = torch.get_num_threads()
+    if tensor.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TokenZoomProcessingInfo(LlavaOnevisionProcessingInfo):
@@ -229,7 +247,8 @@ class TokenZoomLlavaOnevision(LlavaOnevisionForConditionalGeneration):
         if policy is None:
             embeds, kept = video, KeptTokens.every(num_frames, per_frame, video.device)
         else:
-            tokens, kept = policy.apply(video[:-1].view(num_frames, per_frame, -1))
+            with _one_host_thread(video):
+                tokens, kept = policy.apply(video[:-1].view(num_frames, per_frame, -1))
             embeds = torch.cat((tokens, video[-1:]))
         embeds.tokenzoom_kept = kept  # read by the worker's session through vLLM's encoder cache
         self.tokenzoom_trace.append(kept)

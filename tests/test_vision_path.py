@@ -1,6 +1,7 @@
-"""The vision path's output kept between a request's passes (``models/tower_memo.py``): a hit is
-exactly what the tower would compute again, the memo never holds more than its bound, and a
-second pass takes (frees) what the first kept."""
+"""The vision path around the pre-LLM stage: its output kept between a request's passes
+(``models/tower_memo.py``: a hit is exactly what the tower would compute again, the memo never
+holds more than its bound, a second pass takes what the first kept), and the stage's small host
+ops in one thread."""
 import torch
 
 from vllm_tokenzoom.models.tower_memo import TowerMemo, key_of
@@ -39,3 +40,23 @@ def test_the_memo_drops_its_oldest_entries_beyond_its_bound():
     assert list(memo.entries) == ["b", "d"] and memo.bytes == 2 * size
     memo.keep("huge", torch.rand(100, 4))  # over the bound alone: not kept, nothing evicted for it
     assert list(memo.entries) == ["b", "d"]
+
+
+def test_a_pre_llm_policy_runs_in_one_host_thread_and_the_count_comes_back():
+    """The pre-LLM stage's small CPU ops run in one thread (shared cores make every parallel
+    region wait for a descheduled sibling); the engine's thread count is restored, also on error."""
+    import pytest
+
+    from vllm_tokenzoom.models.llava_onevision import _one_host_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with _one_host_thread(torch.zeros(1)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), _one_host_thread(torch.zeros(1)):
+            raise RuntimeError("policy failed")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
