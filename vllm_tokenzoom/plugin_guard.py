@@ -6,7 +6,8 @@ in ``--additional-config`` (or ``LLM(additional_config=...)``) is silently ignor
 runs uncompressed. The plugin itself cannot say so; this hook runs without it.
 How: ``install/vllm_tokenzoom_plugin_guard.pth`` (at the site-packages root: in the wheel, and
 copied by ``make install`` for an editable install) imports this module at interpreter start-up,
-only when ``VLLM_PLUGINS`` is set (otherwise the line costs one environment lookup).
+only when ``VLLM_PLUGINS`` is set (otherwise the line costs one environment lookup) and the
+package is still there (an editable install removed leaves the copied line behind, harmless).
 If it leaves tokenzoom out, a meta-path finder waits for ``vllm.engine.arg_utils`` and then
 applies ``patches.apply_plugins_guard_only``; nothing else is imported. Otherwise it does nothing.
 Remove when: vLLM refuses configuration keys of plugins it did not load.
