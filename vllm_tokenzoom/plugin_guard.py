@@ -52,15 +52,8 @@ class _ArgUtilsFinder:
 
 def install() -> None:
     """Idempotent: watch for vLLM's engine arguments if ``VLLM_PLUGINS`` leaves tokenzoom out."""
-    value = os.environ.get("VLLM_PLUGINS")
-    if not excluded(value) or any(isinstance(f, _ArgUtilsFinder) for f in sys.meta_path):
-        return
-    if _TARGET in sys.modules:
-        from vllm_tokenzoom.patches import apply_plugins_guard_only
-
-        apply_plugins_guard_only(value)
-    else:
-        sys.meta_path.insert(0, _ArgUtilsFinder())
+    if excluded(os.environ.get("VLLM_PLUGINS")) and not any(isinstance(f, _ArgUtilsFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ArgUtilsFinder())  # at start-up: vLLM is not imported yet
 
 
 install()
