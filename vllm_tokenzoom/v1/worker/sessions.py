@@ -440,7 +440,9 @@ def write_record(session: RequestSession) -> None:
     if get_tensor_model_parallel_rank() == 0:  # every rank decides the same: one writes
         path = Path(where) / f"{session.req_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(session.record(), default=_jsonable))
+        part = path.with_name(path.name + ".part")  # readers never see a half-written record
+        part.write_text(json.dumps(session.record(), default=_jsonable))
+        part.replace(path)
         _open_marker(session.req_id).unlink(missing_ok=True)
 
 
