@@ -157,3 +157,44 @@ def test_death_layers_compact_the_cache_of_later_layers():
     assert seg.visual_cache_index.tolist() == [2, -1, 3, -1, -1, 4]
     # blocks of 4: segment 0 uses blocks 0-2 of 12 positions; segment 2 only 0-2 too (9 indices)
     assert layout.blocks_in_use(torch.zeros(6, dtype=torch.bool), 12, 4) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("case", ["hand", "every_segment_shape"])
+def test_packed_derivation_reads_what_each_segment_reads_alone(case):
+    """The decode path derives one view's keys, biases and key-copy rows for all of a request's
+    segments in one pass (``ops.derive_packed``); what each segment then reads equals the plain
+    torch derivation over that segment alone: the keys with m > 0 among its alive tokens (cache
+    indices), bias log m, and each copied key's row in the copy of the alive visual tokens."""
+    from vllm_tokenzoom import ops
+    from vllm_tokenzoom.kv.layout import CacheLayout
+    from vllm_tokenzoom.kv.token_map import TokenMap
+    from vllm_tokenzoom.ops.paged_attention_ref import keys_and_bias
+
+    g = torch.Generator().manual_seed(0)
+    if case == "hand":  # the layout above: one drop after layer 1
+        token_map, layers = TokenMap.build(12, [(2, 7)], [None]), 4
+        death = torch.tensor([3, 1, 3, 1, 1, 3])
+    else:  # 40 visual tokens, death layers 0..5: six segments, the last with none alive
+        token_map, layers = TokenMap.build(50, [(5, 41)], [None]), 7
+        death = torch.randint(0, 6, (40,), generator=g)
+    layout = CacheLayout(token_map, death, layers)
+    visual = torch.randint(0, 3, (token_map.num_visual,), generator=g).float()  # 0 evicted, 2 duplicated
+    for value in (visual, torch.zeros_like(visual), (visual > 0).float()):
+        pack = layout.packed_on(torch.device("cpu"))
+        flat = torch.ones(pack.total)
+        flat[pack.index] = value[pack.rows]
+        row_ofs = [seg.copy_rows for seg in layout.segments]
+        for seg, m, row_of in zip(layout.segments, ops.derive_packed(flat, pack, row_ofs), row_ofs):
+            seq_len = seg.alive_prompt_tokens + 3  # three generated tokens, read at 1
+            alone = torch.ones(seg.alive_prompt_tokens)
+            alive = seg.alive_visual
+            alone[seg.visual_cache_index[alive]] = value[alive]
+            want_keys, want_bias = keys_and_bias(alone, seq_len)
+            keys, bias, keys32, bias32 = ops._keys_and_bias(m, seq_len)
+            assert torch.equal(m, alone) and torch.equal(keys, want_keys) and torch.equal(keys32, want_keys.int())
+            assert torch.equal(bias, want_bias) and (bias32.numel() == 0 or torch.equal(bias32, want_bias))
+            assert bias32.numel() or bool((want_bias == 0).all())
+            copied = want_keys[want_keys < row_of.numel()]
+            want_rows = torch.cat((row_of[copied], torch.full((want_keys.numel() - copied.numel(),), -1)))
+            assert torch.equal(ops._ROWS[(id(m), id(row_of))][2], row_of[copied])  # derived in the pass, not again
+            assert torch.equal(ops._copy_rows(keys, m, row_of), want_rows.int())

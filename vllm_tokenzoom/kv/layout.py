@@ -97,6 +97,43 @@ class Segment:
         return {}
 
 
+@dataclass(frozen=True, eq=False)
+class PackedSegments:
+    """Every segment's prompt cache indices back to back (segment ``s`` at ``offsets[s]``), so a
+    view's multiplicities over all of a request's segments are built, and their keys derived,
+    in a handful of tensor ops instead of a handful per segment (the decode hot path when a
+    decode policy re-selects at every step). Host-computed, on one device."""
+
+    sizes: list[int]  # [S] each segment's alive prompt tokens
+    offsets: torch.Tensor  # [S + 1] int64 cumulative sizes
+    rows: torch.Tensor  # [A_total] visual indices alive in each segment, segment after segment
+    index: torch.Tensor  # [A_total] their packed indices (offset + cache index)
+    local: torch.Tensor  # [sum sizes] int64 each packed index's cache index in its segment
+    copy_rows: torch.Tensor  # [sum sizes] int32 each packed index's row in its segment's key copy (-1: none)
+    copy_ends: torch.Tensor  # [S] int64 offset + len(segment.copy_rows): the copied range of each
+
+    @property
+    def total(self) -> int:
+        return int(self.offsets[-1])
+
+
+def pack_segments(segments: list[Segment], device) -> PackedSegments:
+    sizes = [seg.alive_prompt_tokens for seg in segments]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    rows, index, local, copy_rows = [], [], [], []
+    for seg, start, size in zip(segments, offsets.tolist(), sizes):
+        alive = seg.alive_visual.nonzero().flatten()
+        rows.append(alive)
+        index.append(seg.visual_cache_index[alive] + start)
+        local.append(torch.arange(size))
+        table = torch.full((size,), -1, dtype=torch.int32)
+        table[: seg.copy_rows.numel()] = seg.copy_rows
+        copy_rows.append(table)
+    ends = offsets[:-1] + torch.tensor([seg.copy_rows.numel() for seg in segments], dtype=torch.int64)
+    return PackedSegments(sizes, offsets.to(device), torch.cat(rows).to(device), torch.cat(index).to(device),
+                          torch.cat(local).to(device), torch.cat(copy_rows).to(device), ends.to(device))
+
+
 class CacheLayout:
     """The segments of one request, from its death layers (``TokenView.death``)."""
 
@@ -110,6 +147,17 @@ class CacheLayout:
         while i + 1 < len(self._starts) and self._starts[i + 1] <= layer:
             i += 1
         return self.segments[i]
+
+    def packed_on(self, device) -> PackedSegments:
+        """:class:`PackedSegments` of this layout's segments on ``device`` (computed once per device)."""
+        cached = self._packed.get(device)
+        if cached is None:
+            cached = self._packed[device] = pack_segments(self.segments, device)
+        return cached
+
+    @cached_property
+    def _packed(self) -> dict:
+        return {}
 
     @property
     def boundaries(self) -> list[int]:

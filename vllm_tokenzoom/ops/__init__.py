@@ -196,6 +196,36 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     return entry[3][1]
 
 
+def derive_packed(flat: torch.Tensor, pack, row_ofs: list | None = None) -> list[torch.Tensor]:
+    """flat: [pack.total] float32, the prefix multiplicities of several views back to back
+    (``kv.layout.PackedSegments``: one view over each of a request's segments). -> one [size]
+    view of ``flat`` per segment. What :func:`_keys_and_bias` and, with ``row_ofs`` (each
+    segment's key-copy ``row_of``), :func:`_copy_rows` give for each is derived here for all
+    segments in one pass and remembered as they remember theirs (the decode hot path: a request's
+    segments re-derived at every step a decode policy re-selects)."""
+    ms = list(flat.split(pack.sizes))
+    keys_all = (flat > 0).nonzero().squeeze(1)  # [K] packed indices read, ascending
+    bounds = torch.searchsorted(keys_all, pack.offsets).tolist()  # [S + 1] each segment's range in keys_all
+    counts = [b - a for a, b in zip(bounds, bounds[1:])]
+    local = pack.local[keys_all]  # [K] cache indices
+    kept = flat[keys_all]
+    bias = torch.log(kept)  # [K]
+    unit = bool((kept == 1).all())
+    if len(_KEYS) + len(ms) > 256:
+        _KEYS.clear()
+    for m, keys, keys32, b in zip(ms, local.split(counts), local.to(torch.int32).split(counts), bias.split(counts)):
+        _KEYS[id(m)] = [weakref.ref(m), m.numel(), (keys, b, keys32, _EMPTY if unit else b), None]
+    if row_ofs is not None:
+        rows = pack.copy_rows[keys_all]  # [K] int32
+        below = torch.searchsorted(keys_all, pack.copy_ends).tolist()  # [S] end of each copied range in keys_all
+        if len(_ROWS) + len(ms) > 1024:
+            _ROWS.clear()
+            _ROWS_OF_KEYS.clear()
+        for m, r, lo, hi in zip(ms, row_ofs, bounds, below):
+            _ROWS[(id(m), id(r))] = (weakref.ref(m), weakref.ref(r), rows[lo:hi])
+    return ms
+
+
 def _extended(result, length: int, seq_len: int):
     """``result`` of the first ``length`` positions, with positions ``length..seq_len-1`` read at 1."""
     keys, bias, keys32, bias32 = result

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from vllm_tokenzoom.kv.layout import CacheLayout, Segment
+from vllm_tokenzoom.kv.layout import CacheLayout, Segment, pack_segments
 from vllm_tokenzoom.kv.token_map import TokenMap
 from vllm_tokenzoom.kv.view import TokenView
 from vllm_tokenzoom.methods.base import DecodePolicy, PrefillPolicy, Queries
-from vllm_tokenzoom.ops import KeyCopy, copy_keys
+from vllm_tokenzoom.ops import KeyCopy, copy_keys, derive_packed
 
 SESSIONS: dict[str, "RequestSession"] = {}
 # opt-in decision log of the most recent requests (tests, benchmarks, debugging): req_id ->
@@ -252,11 +252,18 @@ class RequestSession:
         if len(self._multiplicities) > 64:
             self._multiplicities.clear()
         visual = self.view.multiplicity(layer, position)  # [V]
-        rows, index = segment.alive_on(visual.device)  # host-computed integer indices: no device sync
-        m = torch.ones(segment.alive_prompt_tokens, dtype=torch.float32, device=visual.device)
-        m[index] = visual[rows]
-        self._multiplicities[key] = ((segment, factors), m)  # holds the objects whose ids make the key
-        return m
+        # every segment of the layout at once (a segment of an older layout alone)
+        segments = self.layout.segments
+        pack = self.layout.packed_on(visual.device) if any(s is segment for s in segments) else None
+        if pack is None:
+            segments = [segment]
+            pack = pack_segments(segments, visual.device)
+        flat = torch.ones(pack.total, dtype=torch.float32, device=visual.device)  # [sum P] host-computed indices
+        flat[pack.index] = visual[pack.rows]
+        copied = [s.copy_rows for s in segments] if any(p.key_copy for p in self.decode.values()) else None
+        for s, m in zip(segments, derive_packed(flat, pack, copied)):
+            self._multiplicities[(id(s), *map(id, factors))] = ((s, factors), m)  # holds what makes the key
+        return self._multiplicities[key][1]
 
     def visual_scores(self, segment: Segment, mass: torch.Tensor, keys: torch.Tensor, cache_len: int) -> torch.Tensor:
         """mass: [n] over the cache indices ``keys`` (all < ``cache_len``) -> [V] fp32 per visual
