@@ -106,32 +106,28 @@ class PackedSegments:
 
     sizes: list[int]  # [S] each segment's alive prompt tokens
     offsets: torch.Tensor  # [S + 1] int64 cumulative sizes
-    rows: torch.Tensor  # [A_total] visual indices alive in each segment, segment after segment
-    index: torch.Tensor  # [A_total] their packed indices (offset + cache index)
+    source: torch.Tensor  # [sum sizes] int64 the visual index at each packed index (V: a non-visual token)
     local: torch.Tensor  # [sum sizes] int64 each packed index's cache index in its segment
     copy_rows: torch.Tensor  # [sum sizes] int32 each packed index's row in its segment's key copy (-1: none)
     copy_ends: torch.Tensor  # [S] int64 offset + len(segment.copy_rows): the copied range of each
-
-    @property
-    def total(self) -> int:
-        return int(self.offsets[-1])
 
 
 def pack_segments(segments: list[Segment], device) -> PackedSegments:
     sizes = [seg.alive_prompt_tokens for seg in segments]
     offsets = torch.tensor([0] + sizes).cumsum(0)
-    rows, index, local, copy_rows = [], [], [], []
-    for seg, start, size in zip(segments, offsets.tolist(), sizes):
+    source, local, copy_rows = [], [], []
+    for seg, size in zip(segments, sizes):
         alive = seg.alive_visual.nonzero().flatten()
-        rows.append(alive)
-        index.append(seg.visual_cache_index[alive] + start)
+        into = torch.full((size,), seg.alive_visual.numel(), dtype=torch.int64)
+        into[seg.visual_cache_index[alive]] = alive
+        source.append(into)
         local.append(torch.arange(size))
         table = torch.full((size,), -1, dtype=torch.int32)
         table[: seg.copy_rows.numel()] = seg.copy_rows
         copy_rows.append(table)
     ends = offsets[:-1] + torch.tensor([seg.copy_rows.numel() for seg in segments], dtype=torch.int64)
-    return PackedSegments(sizes, offsets.to(device), torch.cat(rows).to(device), torch.cat(index).to(device),
-                          torch.cat(local).to(device), torch.cat(copy_rows).to(device), ends.to(device))
+    return PackedSegments(sizes, offsets.to(device), torch.cat(source).to(device), torch.cat(local).to(device),
+                          torch.cat(copy_rows).to(device), ends.to(device))
 
 
 class CacheLayout:
