@@ -177,8 +177,10 @@ def curriculum_tokens(clip: videoqa.Clip, share: float, rng: random.Random) -> t
     return torch.tensor(sorted(near | set(rng.sample(others, round(share * len(others))))))
 
 
-def qa_loss(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Question]) -> torch.Tensor:
-    """Mean cross-entropy of the answers (+ <|im_end|>) of all questions about one clip."""
+def qa_loss(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Question],
+            describe_weight: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of the answers (+ <|im_end|>) of all questions about one clip; each
+    token of a ``describe`` answer counts ``describe_weight`` times."""
     cache, plen = prefix_forward(model, prompts, embeds)
     seqs, targets = [], []
     for q in qs:
@@ -195,7 +197,10 @@ def qa_loss(model, prompts: Prompts, embeds: torch.Tensor, qs: list[videoqa.Ques
     hidden = model.model.language_model(input_ids=ids, past_key_values=expand_cache(cache, len(qs)),
                                         position_ids=positions).last_hidden_state
     logits = model.lm_head(hidden)  # [B, S, V]
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    weight = torch.tensor([describe_weight if q.kind == "describe" else 1.0 for q in qs])[:, None]  # [B, 1]
+    weight = weight * (labels != -100)  # [B, S]
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*S]
+    return (loss * weight.flatten()).sum() / weight.sum()
 
 
 @torch.inference_mode()
@@ -291,6 +296,9 @@ def main(argv=None) -> None:
                     help="curriculum: the running loss below which the flashes count as found")
     ap.add_argument("--ordinals", action="store_true",
                     help="also train on the colour and side of the i-th flash (describe's sentences one by one)")
+    ap.add_argument("--describe-weight", type=float, default=1.0,
+                    help="each token of a describe answer counts this many times in the loss (its side words "
+                         "were the measured weak spot: wrong in describe, right asked alone)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 8 clips, 20 steps")
     args = ap.parse_args(argv)
     if args.quick:
@@ -345,7 +353,7 @@ def main(argv=None) -> None:
             embeds = video_embeds(model, features(seed))  # [T*196 + 1, D]
             if share < 1.0:
                 embeds = torch.cat((embeds[curriculum_tokens(meta, share, rng)], embeds[-1:]))
-            loss = qa_loss(model, prompts, embeds, training_questions(meta, args.ordinals))
+            loss = qa_loss(model, prompts, embeds, training_questions(meta, args.ordinals), args.describe_weight)
             (loss / clips).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
