@@ -202,8 +202,11 @@ def derive_packed(flat: torch.Tensor, pack, row_ofs: list | None = None) -> list
     view of ``flat`` per segment. What :func:`_keys_and_bias` and, with ``row_ofs`` (each
     segment's key-copy ``row_of``), :func:`_copy_rows` give for each is derived here for all
     segments in one pass and remembered as they remember theirs (the decode hot path: a request's
-    segments re-derived at every step a decode policy re-selects)."""
+    segments re-derived at every step a decode policy re-selects). Off the CPU only the views:
+    deriving needs host syncs, which the session's decode path never makes there."""
     ms = list(flat.split(pack.sizes))
+    if flat.device.type != "cpu":
+        return ms
     keys_all = (flat > 0).nonzero().squeeze(1)  # [K] packed indices read, ascending
     bounds = torch.searchsorted(keys_all, pack.offsets).tolist()  # [S + 1] each segment's range in keys_all
     counts = [b - a for a, b in zip(bounds, bounds[1:])]
