@@ -181,7 +181,7 @@ def test_packed_derivation_reads_what_each_segment_reads_alone(case):
     visual = torch.randint(0, 3, (token_map.num_visual,), generator=g).float()  # 0 evicted, 2 duplicated
     for value in (visual, torch.zeros_like(visual), (visual > 0).float()):
         pack = layout.packed_on(torch.device("cpu"))
-        flat = torch.cat((value, torch.ones(1)))[pack.source]
+        flat = pack.spread(value)
         row_ofs = [seg.copy_rows for seg in layout.segments]
         for seg, m, row_of in zip(layout.segments, ops.derive_packed(flat, pack, row_ofs), row_ofs):
             seq_len = seg.alive_prompt_tokens + 3  # three generated tokens, read at 1

@@ -111,6 +111,11 @@ class PackedSegments:
     copy_rows: torch.Tensor  # [sum sizes] int32 each packed index's row in its segment's key copy (-1: none)
     copy_ends: torch.Tensor  # [S] int64 offset + len(segment.copy_rows): the copied range of each
 
+    def spread(self, visual: torch.Tensor) -> torch.Tensor:
+        """visual: [V] multiplicities by visual index -> [sum sizes] by packed index (non-visual
+        tokens read 1)."""
+        return torch.cat((visual, visual.new_ones(1)))[self.source]
+
 
 def pack_segments(segments: list[Segment], device) -> PackedSegments:
     sizes = [seg.alive_prompt_tokens for seg in segments]

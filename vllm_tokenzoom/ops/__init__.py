@@ -133,19 +133,23 @@ def _copy_rows(keys: torch.Tensor, multiplicity, row_of: torch.Tensor) -> torch.
     entry = _ROWS.get(tag)
     if not (entry is not None and entry[0]() is multiplicity and entry[1]() is row_of
             and entry[2].numel() == below):
-        if len(_ROWS) > 1024:
-            _ROWS.clear()
-            _ROWS_OF_KEYS.clear()
         entry = (weakref.ref(multiplicity) if multiplicity is not None else None, weakref.ref(row_of),
                  row_of[keys[:below]].to(torch.int32))
         if multiplicity is not None:
-            _ROWS[tag] = entry
+            _remember_rows(multiplicity, row_of, entry[2])
     rows = entry[2]
     if rows.numel() < keys.numel():  # the generated keys read the cache
         rows = torch.cat((rows, rows.new_full((keys.numel() - rows.numel(),), -1)))
     if multiplicity is not None:
         _ROWS_OF_KEYS[tag] = (weakref.ref(keys), rows)
     return rows
+
+
+def _remember_rows(multiplicity: torch.Tensor, row_of: torch.Tensor, rows: torch.Tensor) -> None:
+    if len(_ROWS) >= 1024:
+        _ROWS.clear()
+        _ROWS_OF_KEYS.clear()
+    _ROWS[(id(multiplicity), id(row_of))] = (weakref.ref(multiplicity), weakref.ref(row_of), rows)
 
 
 _LAYOUTS: dict[int, tuple[weakref.ref, int]] = {}  # id(offsets) -> (weak ref, code)
@@ -183,12 +187,10 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     length = multiplicity.numel() if prefix else seq_len
     entry = _KEYS.get(id(multiplicity))
     if entry is None or entry[0]() is not multiplicity or entry[1] != length:
-        if len(_KEYS) > 256:
-            _KEYS.clear()
         keys, bias = ref.keys_and_bias(multiplicity, length)
         flat = bias.reshape(-1).float().contiguous()  # one decode query: a 1-D bias
-        result = (keys, bias, keys.to(torch.int32), _EMPTY if bool((flat == 0).all()) else flat)
-        entry = _KEYS[id(multiplicity)] = [weakref.ref(multiplicity), length, result, None]
+        bias32 = _EMPTY if bool((flat == 0).all()) else flat
+        entry = _remember_keys(multiplicity, length, (keys, bias, keys.to(torch.int32), bias32))
     if not prefix:
         return entry[2]
     if entry[3] is None or entry[3][0] != seq_len:  # the layers of a step share one extension
@@ -196,8 +198,16 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     return entry[3][1]
 
 
+def _remember_keys(multiplicity: torch.Tensor, length: int, result: tuple) -> list:
+    """Remember ``_keys_and_bias``'s result for a multiplicity tensor over ``length`` positions."""
+    if len(_KEYS) >= 256:
+        _KEYS.clear()
+    entry = _KEYS[id(multiplicity)] = [weakref.ref(multiplicity), length, result, None]
+    return entry
+
+
 def derive_packed(flat: torch.Tensor, pack, row_ofs: list | None = None) -> list[torch.Tensor]:
-    """flat: [pack.total] float32, the prefix multiplicities of several views back to back
+    """flat: [sum pack.sizes] float32, the prefix multiplicities of several views back to back
     (``kv.layout.PackedSegments``: one view over each of a request's segments). -> one [size]
     view of ``flat`` per segment. What :func:`_keys_and_bias` and, with ``row_ofs`` (each
     segment's key-copy ``row_of``), :func:`_copy_rows` give for each is derived here for all
@@ -214,18 +224,13 @@ def derive_packed(flat: torch.Tensor, pack, row_ofs: list | None = None) -> list
     kept = flat[keys_all]
     bias = torch.log(kept)  # [K]
     unit = bool((kept == 1).all())
-    if len(_KEYS) + len(ms) > 256:
-        _KEYS.clear()
     for m, keys, keys32, b in zip(ms, local.split(counts), local.to(torch.int32).split(counts), bias.split(counts)):
-        _KEYS[id(m)] = [weakref.ref(m), m.numel(), (keys, b, keys32, _EMPTY if unit else b), None]
+        _remember_keys(m, m.numel(), (keys, b, keys32, _EMPTY if unit else b))
     if row_ofs is not None:
         rows = pack.copy_rows[keys_all]  # [K] int32
         below = torch.searchsorted(keys_all, pack.copy_ends).tolist()  # [S] end of each copied range in keys_all
-        if len(_ROWS) + len(ms) > 1024:
-            _ROWS.clear()
-            _ROWS_OF_KEYS.clear()
         for m, r, lo, hi in zip(ms, row_ofs, bounds, below):
-            _ROWS[(id(m), id(r))] = (weakref.ref(m), weakref.ref(r), rows[lo:hi])
+            _remember_rows(m, r, rows[lo:hi])
     return ms
 
 

@@ -258,9 +258,8 @@ class RequestSession:
         if pack is None:
             segments = [segment]
             pack = pack_segments(segments, visual.device)
-        flat = torch.cat((visual, visual.new_ones(1)))[pack.source]  # [sum P]: non-visual tokens read 1
         copied = [s.copy_rows for s in segments] if any(p.key_copy for p in self.decode.values()) else None
-        for s, m in zip(segments, derive_packed(flat, pack, copied)):
+        for s, m in zip(segments, derive_packed(pack.spread(visual), pack, copied)):
             self._multiplicities[(id(s), *map(id, factors))] = ((s, factors), m)  # holds what makes the key
         return self._multiplicities[key][1]
 
