@@ -50,7 +50,7 @@ PRESET = {"ttm": "ttm", "dycoke": "dycoke", "cascade": "cascade"}
 def settings(model: str, frames: int) -> dict[str, dict]:
     """name -> additional_config, plugins (False: vanilla vLLM, no plugin loaded), frames."""
     from vllm_tokenzoom.config import parse_config
-    from vllm_tokenzoom.patches import enable_in
+    from vllm_tokenzoom.engine import enable_in
 
     methods = parse_config(enable_in({"tokenzoom": {"preset": "dycoke"}})).methods
     ttm, dp = methods["ttm"], methods["dp"]

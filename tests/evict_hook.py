@@ -7,7 +7,7 @@ scheduler freed and allocated."""
 import os
 
 from vllm_tokenzoom.v1.core.sched import scheduler as tz_scheduler
-from vllm_tokenzoom.v1.worker import sessions
+from vllm_tokenzoom.v1.worker import reports, sessions
 
 DEAD = (128, 384)
 _LOG = {"steps": [], "free_blocks": []}
@@ -25,7 +25,7 @@ def decide(self, name, layer, position, scores):
 
 sessions.RequestSession.decide = decide
 if os.environ.get("TOKENZOOM_TEST_NO_RECLAIM") == "1":
-    sessions.collect_reclaimable = lambda requests, block_size: {}
+    reports.collect_reclaimable = lambda requests, block_size: {}
 
 _original_update = tz_scheduler.TokenZoomSchedulerMixin.update_from_output
 

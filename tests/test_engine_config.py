@@ -329,7 +329,7 @@ def test_cuda_set_up_picks_the_backend_and_the_v1_runner_without_touching_the_en
 
     from vllm_tokenzoom.config import parse_config
     from vllm_tokenzoom.engine import fit_engine_args
-    from vllm_tokenzoom.patches import needs_v1_runner
+    from vllm_tokenzoom.engine import needs_v1_runner
 
     # made before CUDA is pretended: building EngineArgs loads the plugins, whose imports probe the platform
     args, flag, in_config, plain = (EngineArgs(model="m"), EngineArgs(model="m", attention_backend="FLASH_ATTN"),

@@ -7,7 +7,8 @@ import torch
 from vllm_tokenzoom.kv.token_map import TokenMap
 from vllm_tokenzoom.methods import DP
 from vllm_tokenzoom.testing.offline import run_offline
-from vllm_tokenzoom.v1.worker.sessions import RequestSession, reclaimable_blocks
+from vllm_tokenzoom.v1.worker.reports import reclaimable_blocks
+from vllm_tokenzoom.v1.worker.sessions import RequestSession
 
 REQUESTS = [dict(frames=16, seed=80, max_tokens=24), dict(frames=16, seed=81, max_tokens=24)]
 DYCOKE = {"tokenzoom": {"preset": "dycoke"}}

@@ -16,11 +16,42 @@ No method-specific branch here: each check reads ``Requirements`` fields.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 from vllm_tokenzoom.errors import TokenZoomConfigError
 
 logger = logging.getLogger("vllm.tokenzoom")
+
+SUPPORTED_ARCHS = ("LlavaOnevisionForConditionalGeneration",)
+HF_CONFIG_ATTR = "tokenzoom"  # where the model and its processor find the resolved config
+
+
+def create_engine_config(engine_args, orig_create, *args, **kwargs):
+    """``EngineArgs.create_engine_config`` for an engine with a tokenzoom config: the config parsed
+    and the vLLM version checked, the engine settings fitted to it, vLLM's config built and the
+    model checked against it; the resolved config reaches the model and its processor through
+    ``hf_overrides``, the facts a per-request setting is checked against through the HF config."""
+    from vllm_tokenzoom.config import parse_config
+    from vllm_tokenzoom.requests import ENGINE_ATTR, EngineFacts
+    from vllm_tokenzoom.version import check_vllm_version
+
+    config = parse_config(engine_args.additional_config)
+    check_vllm_version()
+    engine_args.hf_overrides = _with_tokenzoom(engine_args.hf_overrides, config.to_dict())
+    fit_engine_args(engine_args, config)
+    try:
+        vllm_config = orig_create(engine_args, *args, **kwargs)
+    except ValueError as e:
+        refuse_batched_tokens(config, e)
+        raise
+    _check_architecture(vllm_config.model_config.architectures)
+    check_model(config, vllm_config)
+    # in every process of the engine (requests.py)
+    setattr(vllm_config.model_config.hf_config, ENGINE_ATTR, dataclasses.asdict(EngineFacts.of(vllm_config)))
+    logger.info("tokenzoom enabled: %s", config.to_dict())
+    return vllm_config
 
 
 def _names(methods: list[str]) -> str:
@@ -138,3 +169,46 @@ def refuse_batched_tokens(config, error: ValueError) -> None:
 def check_model(config, vllm_config) -> None:
     """Every policy's settings against the model (e.g. a layer index within its layers)."""
     config.for_model(vllm_config.model_config.hf_text_config.num_hidden_layers)
+
+
+def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``--plugin tokenzoom``: keep the user's tokenzoom config, else the default preset."""
+    from vllm_tokenzoom.config import CONFIG_KEY
+
+    additional_config = dict(additional_config or {})
+    additional_config.setdefault(CONFIG_KEY, {})
+    return additional_config
+
+
+def _with_tokenzoom(hf_overrides, resolved: dict[str, Any]):
+    if callable(hf_overrides):
+        def chained(hf_config, _user=hf_overrides):
+            hf_config = _user(hf_config)
+            setattr(hf_config, HF_CONFIG_ATTR, resolved)
+            return hf_config
+
+        return chained
+    return {**(hf_overrides or {}), HF_CONFIG_ATTR: resolved}
+
+
+def _check_architecture(architectures) -> None:
+    if not any(a in SUPPORTED_ARCHS for a in architectures or ()):
+        raise TokenZoomConfigError(
+            f"tokenzoom does not support model architecture(s) {list(architectures or [])}; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)} (LLaVA-OneVision). Remove the 'tokenzoom' key "
+            "from additional_config (or --plugin tokenzoom) to serve this model without tokenzoom."
+        )
+
+
+def needs_v1_runner(additional_config) -> bool:
+    """Whether an engine of this ``additional_config`` must run vLLM's V1 model runner: tokenzoom's
+    in-LLM methods on CUDA."""
+    if not isinstance(additional_config, dict) or "tokenzoom" not in additional_config:
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return False
+    from vllm_tokenzoom.config import parse_config
+
+    return parse_config(additional_config).requirements.attention_backend

@@ -8,16 +8,9 @@ not run-time: ``install/cpu_env.py``.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
-from typing import Any
-
-# a child of vLLM's logger, so lines carry its format and process prefix
-logger = logging.getLogger("vllm.tokenzoom")
 
 MODEL_ARCH = "LlavaOnevisionForConditionalGeneration"
 MODEL_IMPL = "vllm_tokenzoom.models.llava_onevision:TokenZoomLlavaOnevision"
-SUPPORTED_ARCHS = (MODEL_ARCH,)
 _PATCHED = "_tokenzoom_patched"
 
 
@@ -161,9 +154,8 @@ def _patch_model_runner() -> None:
       session, created for new video requests (``v1/worker/sessions.begin_step``);
     - ``sample_tokens`` (l.4304) lets the after-sampling policies decide once the tokens are on
       the host (sync scheduling), and attaches newly reclaimable blocks, the policies' results
-      for the caller (VOA's keyframes) and the sessions' figures for the metrics to its ``ModelRunnerOutput`` (extra attributes, which
-      survive the pickled transport to the engine core; under async scheduling to the output
-      it wraps; EMPTY_MODEL_RUNNER_OUTPUT is never touched).
+      for the caller (VOA's keyframes) and the sessions' figures for the metrics to its
+      ``ModelRunnerOutput`` (``v1/worker/reports.attach_reports``).
     Remove when: the V2 model runner (``CommonAttentionMetadata.req_idx``) runs on CPU and vLLM
     has a block-release channel.
     """
@@ -190,28 +182,10 @@ def _patch_model_runner() -> None:
         return orig_build(self, *args, **kwargs)
 
     def sample_tokens(self, *args, **kwargs):
-        """Also report blocks that became reclaimable (scheduler mixin), on the output."""
         output = orig_sample(self, *args, **kwargs)
-        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, AsyncModelRunnerOutput, ModelRunnerOutput
+        from vllm_tokenzoom.v1.worker.reports import attach_reports
 
-        from vllm_tokenzoom.v1.core.sched.scheduler import FIGURES_ATTR, REPORT_ATTR, RESULTS_ATTR
-        from vllm_tokenzoom.v1.worker.sessions import (SESSIONS, collect_figures, collect_reclaimable, collect_results,
-                                                       take_sampled_now)
-
-        target = output._model_runner_output if isinstance(output, AsyncModelRunnerOutput) else output
-        if SESSIONS and isinstance(target, ModelRunnerOutput) and target is not EMPTY_MODEL_RUNNER_OUTPUT:
-            if not self.use_async_scheduling:
-                take_sampled_now(self.requests)
-            results = collect_results(self.requests)
-            if results:
-                setattr(target, RESULTS_ATTR, results)
-            block_size = self.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-            report = collect_reclaimable(self.requests, block_size)
-            if report:
-                setattr(target, REPORT_ATTR, report)
-            figures = collect_figures(self.requests, set(self.input_batch.req_ids))
-            if figures:
-                setattr(target, FIGURES_ATTR, figures)
+        attach_reports(self, output)
         return output
 
     GPUModelRunner._update_states = _update_states
@@ -265,6 +239,8 @@ def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_tokenzoom.cli import check_json, json_named, one_line_refusal
+    from vllm_tokenzoom.config import parse_config
+    from vllm_tokenzoom.engine import enable_in
 
     if getattr(EngineArgs, _PATCHED, False):
         return
@@ -291,7 +267,6 @@ def _patch_engine_args() -> None:
             check_json(engine_args.additional_config, plugin)
             if plugin:
                 engine_args.additional_config = enable_in(engine_args.additional_config)
-            from vllm_tokenzoom.config import parse_config
 
             parse_config(engine_args.additional_config)
         engine_args._tokenzoom_cli = True  # its later refusals are said as a command line's
@@ -302,73 +277,17 @@ def _patch_engine_args() -> None:
 
         if not isinstance(self.additional_config, dict) or CONFIG_KEY not in self.additional_config:
             return orig_create(self, *args, **kwargs)  # tokenzoom not asked for: none of its code runs
+        from vllm_tokenzoom.engine import create_engine_config as create
+
         with one_line_refusal(on_cli=getattr(self, "_tokenzoom_cli", False)):
-            return _create_engine_config(self, orig_create, *args, **kwargs)
-
-    def _create_engine_config(self, orig_create, *args, **kwargs):
-        from vllm_tokenzoom.config import parse_config
-
-        config = parse_config(self.additional_config)
-        from vllm_tokenzoom.version import check_vllm_version
-
-        check_vllm_version()
-        self.hf_overrides = _with_tokenzoom(self.hf_overrides, config.to_dict())
-        from vllm_tokenzoom.engine import check_model, fit_engine_args, refuse_batched_tokens
-
-        fit_engine_args(self, config)
-        try:
-            vllm_config = orig_create(self, *args, **kwargs)
-        except ValueError as e:
-            refuse_batched_tokens(config, e)
-            raise
-        _check_architecture(vllm_config.model_config.architectures)
-        check_model(config, vllm_config)
-        from vllm_tokenzoom.requests import ENGINE_ATTR, EngineFacts
-
-        # what a per-request setting is checked against (requests.py), in every process of the engine
-        setattr(vllm_config.model_config.hf_config, ENGINE_ATTR, dataclasses.asdict(EngineFacts.of(vllm_config)))
+            vllm_config = create(self, orig_create, *args, **kwargs)
         _patch_media_errors()  # in this process, where a request's media is fetched (API server, offline LLM)
-        logger.info("tokenzoom enabled: %s", config.to_dict())
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
     setattr(EngineArgs, _PATCHED, True)
-
-
-def enable_in(additional_config: dict[str, Any] | None) -> dict[str, Any]:
-    """``--plugin tokenzoom``: keep the user's tokenzoom config, else the default preset."""
-    from vllm_tokenzoom.config import CONFIG_KEY
-
-    additional_config = dict(additional_config or {})
-    additional_config.setdefault(CONFIG_KEY, {})
-    return additional_config
-
-
-HF_CONFIG_ATTR = "tokenzoom"
-
-
-def _with_tokenzoom(hf_overrides, resolved: dict[str, Any]):
-    if callable(hf_overrides):
-        def chained(hf_config, _user=hf_overrides):
-            hf_config = _user(hf_config)
-            setattr(hf_config, HF_CONFIG_ATTR, resolved)
-            return hf_config
-
-        return chained
-    return {**(hf_overrides or {}), HF_CONFIG_ATTR: resolved}
-
-
-def _check_architecture(architectures) -> None:
-    from vllm_tokenzoom.errors import TokenZoomConfigError
-
-    if not any(a in SUPPORTED_ARCHS for a in architectures or ()):
-        raise TokenZoomConfigError(
-            f"tokenzoom does not support model architecture(s) {list(architectures or [])}; "
-            f"supported: {', '.join(SUPPORTED_ARCHS)} (LLaVA-OneVision). Remove the 'tokenzoom' key "
-            "from additional_config (or --plugin tokenzoom) to serve this model without tokenzoom."
-        )
 
 
 def _patch_request_entry() -> None:
@@ -455,6 +374,8 @@ def _patch_model_runner_choice() -> None:
         return
     orig = VllmConfig.use_v2_model_runner
 
+    from vllm_tokenzoom.engine import needs_v1_runner
+
     def use_v2_model_runner(self) -> bool:
         if needs_v1_runner(getattr(self, "additional_config", None)):
             return False
@@ -462,20 +383,6 @@ def _patch_model_runner_choice() -> None:
 
     VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
     setattr(VllmConfig, _PATCHED, True)
-
-
-def needs_v1_runner(additional_config) -> bool:
-    """Whether an engine of this ``additional_config`` must run vLLM's V1 model runner: tokenzoom's
-    in-LLM methods on CUDA."""
-    if not isinstance(additional_config, dict) or "tokenzoom" not in additional_config:
-        return False
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cuda():
-        return False
-    from vllm_tokenzoom.config import parse_config
-
-    return parse_config(additional_config).requirements.attention_backend
 
 
 def _patch_media_errors() -> None:

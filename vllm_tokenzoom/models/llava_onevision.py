@@ -39,7 +39,7 @@ from vllm_tokenzoom.config import parse_config
 from vllm_tokenzoom.methods.base import KeptTokens
 from vllm_tokenzoom.models import tower_memo
 from vllm_tokenzoom.models.decoder_loop import forward_dropping_rows
-from vllm_tokenzoom.patches import HF_CONFIG_ATTR
+from vllm_tokenzoom.engine import HF_CONFIG_ATTR
 from vllm_tokenzoom.v1.worker import step as steps
 
 

@@ -8,7 +8,7 @@ load general plugins only once; each run therefore gets its own process:
 Child side (``python -m vllm_tokenzoom.testing.offline`` with a JSON job on stdin): one
 ``LLM`` in fp32, eager, in-process engine; requests run one at a time, so each kept-token
 trace (``TokenZoomLlavaOnevision.tokenzoom_trace``) and, with ``trace=True``, each in-LLM
-method's decision log (``v1/worker/sessions.TRACES``) belongs to its request.
+method's decision log (``v1/worker/records.TRACES``) belongs to its request.
 """
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ def _traces(llm, request_id: str) -> dict:
 
 
 def _trace_of(request_id: str, model):
-    from vllm_tokenzoom.v1.worker.sessions import TRACES
+    from vllm_tokenzoom.v1.worker.records import TRACES
 
     # vLLM's engine appends a random suffix to the request id the LLM gave (``input_processor.py``);
     # a request run in two passes (VOA) has a session, so a trace, per pass: merged, in order

@@ -8,7 +8,8 @@ A :class:`RequestSession` knows no method. It owns, per request:
 - score routing: which queries of a batch row each policy wants scores of, at which layer;
 - the policies' decisions, made between layers from the scores the backend handed back
   (:meth:`decide`), stored so a request recomputed after preemption is never re-decided;
-- key copies (CPU), reclaimed-block bookkeeping, and an opt-in trace (``TOKENZOOM_TRACE=1``).
+- key copies (CPU), reclaimed-block bookkeeping, and an opt-in trace (``TOKENZOOM_TRACE=1``,
+  ``records.py``). What the sessions report after a step: ``reports.py``.
 Sessions are created by the model-runner hook for requests with a video when the engine's
 config has prefill or decode policies, kept across preemption (the runner keeps the
 request's state), and released when the runner drops the request (finished or aborted;
@@ -16,8 +17,6 @@ request's state), and released when the runner drops the request (finished or ab
 """
 from __future__ import annotations
 
-import collections
-import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,23 +29,36 @@ from vllm_tokenzoom.kv.token_map import TokenMap
 from vllm_tokenzoom.kv.view import TokenView
 from vllm_tokenzoom.methods.base import DecodePolicy, PrefillPolicy, Queries
 from vllm_tokenzoom.ops import KeyCopy, copy_keys, derive_packed
+from vllm_tokenzoom.v1.worker.records import TRACES, mark_open, start_trace, trace_dir, tracing, write_record
 
 SESSIONS: dict[str, "RequestSession"] = {}
-# opt-in decision log of the most recent requests (tests, benchmarks, debugging): req_id ->
-# {policy: [its decisions], "visual_kv_share": the layer-averaged share once the prompt is computed}
-TRACES: collections.OrderedDict[str, dict] = collections.OrderedDict()
-_TRACE_KEEP = 256
 
 
-def tracing() -> bool:
-    return os.environ.get("TOKENZOOM_TRACE") == "1" or bool(os.environ.get("TOKENZOOM_TRACE_DIR"))
+@dataclass
+class Figures:
+    """A session's figures for tokenzoom's metrics (``metrics.py``) since they were last taken:
+    prefill rows not computed, per method; the share of the visual tokens each decode step reads
+    (one value per step); blocks reported reclaimable; seconds in each policy decision."""
 
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+    read_shares: list[float] = field(default_factory=list)
+    blocks_reclaimed: int = 0
+    policy_seconds: list[tuple[str, float]] = field(default_factory=list)
 
-def trace_dir() -> str | None:
-    """Where each traced request's record goes when it ends (``TOKENZOOM_TRACE_DIR``; the
-    token-map pictures, ``python -m vllm_tokenzoom.tokenmap``, read it), and a marker lives while
-    its session does (``<request id>.open``)."""
-    return os.environ.get("TOKENZOOM_TRACE_DIR") or None
+    def skipped(self, method: str, rows: int) -> None:
+        self.rows_skipped[method] = self.rows_skipped.get(method, 0) + rows
+
+    def timed(self, method: str, seconds: float) -> None:
+        self.policy_seconds.append((method, seconds))
+
+    def take(self) -> dict | None:
+        """The figures as a plain dict (they cross to the front-end process), emptied; None if none."""
+        if not (self.rows_skipped or self.read_shares or self.blocks_reclaimed or self.policy_seconds):
+            return None
+        out = {"rows_skipped": self.rows_skipped, "read_shares": self.read_shares,
+               "blocks_reclaimed": self.blocks_reclaimed, "policy_seconds": self.policy_seconds}
+        self.rows_skipped, self.read_shares, self.blocks_reclaimed, self.policy_seconds = {}, [], 0, []
+        return out
 
 
 @dataclass(eq=False)
@@ -69,16 +81,14 @@ class RequestSession:
     # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
     sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     results_given: set[str] = field(default_factory=set)  # decode policies whose result went to the caller
-    figures: "Figures" = field(default_factory=lambda: Figures())  # what the metrics count, since last taken
+    figures: Figures = field(default_factory=lambda: Figures())  # what the metrics count, since last taken
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.view = TokenView(self.token_map.num_visual, self.num_layers)
         if tracing():
-            TRACES[self.req_id] = {name: [] for name in (*self.prefill, *self.decode)}
-            while len(TRACES) > _TRACE_KEEP:
-                TRACES.popitem(last=False)
+            start_trace(self.req_id, (*self.prefill, *self.decode))
 
     def complete_token_map(self) -> None:
         """Fill in each video's frames and cells from the plan the model attached to its encoder
@@ -299,100 +309,12 @@ class RequestSession:
         self.view.settle()
 
 
-@dataclass
-class Figures:
-    """A session's figures for tokenzoom's metrics (``metrics.py``) since they were last taken:
-    prefill rows not computed, per method; the share of the visual tokens each decode step reads
-    (one value per step); blocks reported reclaimable; seconds in each policy decision."""
-
-    rows_skipped: dict[str, int] = field(default_factory=dict)
-    read_shares: list[float] = field(default_factory=list)
-    blocks_reclaimed: int = 0
-    policy_seconds: list[tuple[str, float]] = field(default_factory=list)
-
-    def skipped(self, method: str, rows: int) -> None:
-        self.rows_skipped[method] = self.rows_skipped.get(method, 0) + rows
-
-    def timed(self, method: str, seconds: float) -> None:
-        self.policy_seconds.append((method, seconds))
-
-    def take(self) -> dict | None:
-        """The figures as a plain dict (they cross to the front-end process), emptied; None if none."""
-        if not (self.rows_skipped or self.read_shares or self.blocks_reclaimed or self.policy_seconds):
-            return None
-        out = {"rows_skipped": self.rows_skipped, "read_shares": self.read_shares,
-               "blocks_reclaimed": self.blocks_reclaimed, "policy_seconds": self.policy_seconds}
-        self.rows_skipped, self.read_shares, self.blocks_reclaimed, self.policy_seconds = {}, [], 0, []
-        return out
-
-
-def collect_figures(requests: dict, in_batch) -> dict[str, dict]:
-    """req_id -> the figures of its session since the last step (worker -> scheduler -> front end).
-    Each request of this step's batch (``in_batch``) that ran a decode query with a decode policy
-    adds the share of its visual tokens that query read (the one that sampled its newest token)."""
-    out = {}
-    for rid, session in SESSIONS.items():
-        state = requests.get(rid)
-        if state is None:
-            continue
-        if session.decode and len(state.output_token_ids) >= 2 and rid in in_batch:
-            session.figures.read_shares.append(
-                session.view.read_share(session.num_prompt_tokens + len(state.output_token_ids) - 2))
-        figures = session.figures.take()
-        if figures is not None:
-            figures["decode"] = "+".join(session.decode) or "none"  # the label of its decode figures
-            out[rid] = figures
-    return out
-
-
-def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_size: int) -> list[int]:
-    """Logical blocks of computed tokens that no layer will read again (DESIGN.md §4.4), not
-    reported yet. Marks them reported."""
-    full = num_computed_tokens // block_size
-    dead = session.view.dead_everywhere()
-    if full == 0 or not bool(dead.any()):
-        return []
-    used = session.layout.blocks_in_use(dead, num_computed_tokens, block_size)
-    blocks = [j for j in range(full) if j not in used and j not in session.reported_blocks]
-    session.reported_blocks.update(blocks)
-    return blocks
-
-
-def take_sampled_now(requests: dict) -> None:
-    """Right after sampling (sync scheduling: the tokens are on the host): the policies with a
-    result for the caller decide now, so a request that ends with this token still has it."""
-    for rid, session in SESSIONS.items():
-        state = requests.get(rid)
-        if session.sampled_scores and state is not None:
-            session.take_sampled(state.output_token_ids, reporting_only=True)
-
-
-def collect_results(requests: dict) -> dict[str, dict]:
-    """req_id -> {policy: result} newly available (worker -> scheduler -> the request's output)."""
-    out = {}
-    for rid, session in SESSIONS.items():
-        if rid in requests:
-            results = session.take_results()
-            if results:
-                out[rid] = results
-    return out
-
-
-def collect_reclaimable(requests: dict, block_size: int) -> dict[str, list[int]]:
-    """req_id -> newly reclaimable logical blocks, for every session (worker -> scheduler)."""
-    report = {}
-    for rid, session in SESSIONS.items():
-        state = requests.get(rid)
-        if state is None:
-            continue
-        if state.num_computed_tokens == 0:  # recomputed after preemption: its blocks are new again
-            session.reported_blocks.clear()
-            continue
-        blocks = reclaimable_blocks(session, state.num_computed_tokens, block_size)
-        if blocks:
-            report[rid] = blocks
-            session.figures.blocks_reclaimed += len(blocks)
-    return report
+def write_live_records(model=None) -> int:
+    """Write the record of every live session (``LLM.apply_model``: offline, the runner releases
+    the last requests of a ``generate`` call only at the engine's next step)."""
+    for session in SESSIONS.values():
+        write_record(session)
+    return len(SESSIONS)
 
 
 def video_spans(mm_features) -> list[tuple[int, int, str]]:
@@ -422,47 +344,6 @@ def release_gone(requests: dict) -> None:
         write_record(SESSIONS.pop(gone))
 
 
-def _open_marker(req_id: str):
-    """With ``TOKENZOOM_TRACE_DIR``: ``<request id>.open`` exists there while the request's session
-    lives (what a soak run counts as sessions left behind); None otherwise."""
-    from pathlib import Path
-
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    where = trace_dir()
-    return None if where is None or get_tensor_model_parallel_rank() != 0 else Path(where) / f"{req_id}.open"
-
-
-def write_record(session: RequestSession) -> None:
-    where = trace_dir()
-    if where is None:
-        return
-    import json
-    from pathlib import Path
-
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    if get_tensor_model_parallel_rank() == 0:  # every rank decides the same: one writes
-        path = Path(where) / f"{session.req_id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(path.name + ".part")  # readers never see a half-written record
-        part.write_text(json.dumps(session.record(), default=_jsonable))
-        part.replace(path)
-        _open_marker(session.req_id).unlink(missing_ok=True)
-
-
-def write_live_records(model=None) -> int:
-    """Write the record of every live session (``LLM.apply_model``: offline, the runner releases
-    the last requests of a ``generate`` call only at the engine's next step)."""
-    for session in SESSIONS.values():
-        write_record(session)
-    return len(SESSIONS)
-
-
-def _jsonable(x):
-    return x.tolist() if isinstance(x, torch.Tensor) else list(x) if isinstance(x, (tuple, set)) else str(x)
-
-
 def begin_step(runner, req_ids: list[str]) -> None:
     """Before a step's attention metadata is built: this step's :class:`Step` (row -> session),
     or none when no row has a session (the fast path)."""
@@ -487,9 +368,8 @@ def begin_step(runner, req_ids: list[str]) -> None:
                 session = new_session(rid, state, config, len(layer_names), runner.encoder_cache)
                 if session is not None:
                     SESSIONS[rid] = session
-                    if traced and (marker := _open_marker(rid)) is not None:
-                        marker.parent.mkdir(parents=True, exist_ok=True)
-                        marker.touch()
+                    if traced:
+                        mark_open(rid)
         if session is not None:
             if session.sampled_scores:
                 session.take_sampled(state.output_token_ids)
