@@ -92,10 +92,13 @@ def measure(model, name, batch, tokens, seed0, frames=None):
     if batch == 1:  # a lone request: every engine step after its first token is a decode step
         row["decode_step_ms"] = round(1000 * outs[0]["decode_s"] / (tokens - 1), 2)
     else:  # the steps in which all the batch's requests decode together (step_probe.py)
-        full = [s for n, s in result["reports"]["step_probe"]["decode_steps"] if n == batch]
+        probe = result["reports"]["step_probe"]
+        full = [s for n, s in probe["decode_steps"] if n == batch]
+        gc_s = [g for (n, _), g in zip(probe["decode_steps"], probe["decode_gc_s"]) if n == batch]
         row["decode_steps_measured"] = len(full)
         if full:
             row["decode_step_ms"] = round(1000 * statistics.median(full), 2)
+            row["decode_gc_ms_mean"] = round(1000 * statistics.mean(gc_s), 2)  # garbage collection within them
         else:
             print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
@@ -129,7 +132,7 @@ def main(argv=None) -> None:
                 print(json.dumps(runs[name][-1]), flush=True)
         for name, samples in runs.items():
             row = dict(samples[0], rounds=len(samples))
-            for key in ("decode_step_ms", "tokens_per_s_end_to_end", "request_wall_s"):
+            for key in ("decode_step_ms", "decode_gc_ms_mean", "tokens_per_s_end_to_end", "request_wall_s"):
                 if key in row:
                     row[key] = statistics.median(r[key] for r in samples)
                     row[key + "_all"] = [r[key] for r in samples]

@@ -7,14 +7,28 @@ one whole step as a user sees it (schedule, forward, sampling, output processing
 step is recorded with its kind: *pure decode* when every scheduled request gets exactly one
 token and none is new. ``report()``: per pure-decode step its batch size and duration, so a
 batch's decode step time is measured over the steps in which all its requests decode
-together, without the prefills that interleave with them in the other steps.
+together, without the prefills that interleave with them in the other steps. Also the seconds
+the step spent in Python's garbage collector (``gc.callbacks``): a cost of every Python object a
+step allocates, which a profiler puts on whatever line happened to trigger it.
 """
+import gc
 import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-_STEPS: list[dict] = []  # one per schedule() call: t (perf_counter), decode (batch size or 0)
+_STEPS: list[dict] = []  # one per schedule() call: t (perf_counter), decode (batch size or 0), gc seconds
 _schedule = Scheduler.schedule
+_GC = {"start": 0.0, "seconds": 0.0}  # the running collection's start; seconds collected since the last schedule()
+
+
+def _on_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _GC["start"] = time.perf_counter()
+    else:
+        _GC["seconds"] += time.perf_counter() - _GC["start"]
+
+
+gc.callbacks.append(_on_gc)
 
 
 def schedule(self, *args, **kwargs):
@@ -22,6 +36,8 @@ def schedule(self, *args, **kwargs):
     out = _schedule(self, *args, **kwargs)
     counts = out.num_scheduled_tokens.values()
     pure = bool(counts) and not out.scheduled_new_reqs and all(n == 1 for n in counts)
+    if _STEPS:  # the collections since the previous schedule() were that step's
+        _STEPS[-1]["gc"], _GC["seconds"] = _GC["seconds"], 0.0
     _STEPS.append({"t": t, "decode": len(counts) if pure else 0})
     return out
 
@@ -30,7 +46,8 @@ Scheduler.schedule = schedule
 
 
 def report():
-    """-> {"decode_steps": [[batch size, seconds], ...]}: each pure-decode step whose next step
-    was scheduled too (its end is known)."""
-    pairs = zip(_STEPS, _STEPS[1:])
-    return {"decode_steps": [[a["decode"], b["t"] - a["t"]] for a, b in pairs if a["decode"]]}
+    """-> {"decode_steps": [[batch size, seconds], ...], "decode_gc_s": [seconds collecting, ...]}:
+    each pure-decode step whose next step was scheduled too (its end is known)."""
+    pairs = [(a, b) for a, b in zip(_STEPS, _STEPS[1:]) if a["decode"]]
+    return {"decode_steps": [[a["decode"], b["t"] - a["t"]] for a, b in pairs],
+            "decode_gc_s": [a.get("gc", 0.0) for a, _ in pairs]}

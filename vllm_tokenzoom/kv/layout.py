@@ -114,7 +114,7 @@ class PackedSegments:
     def spread(self, visual: torch.Tensor) -> torch.Tensor:
         """visual: [V] multiplicities by visual index -> [sum sizes] by packed index (non-visual
         tokens read 1)."""
-        return torch.cat((visual, visual.new_ones(1)))[self.source]
+        return torch.cat((visual, visual.new_ones(1))).index_select(0, self.source)
 
 
 def pack_segments(segments: list[Segment], device) -> PackedSegments:

@@ -134,7 +134,7 @@ def _copy_rows(keys: torch.Tensor, multiplicity, row_of: torch.Tensor) -> torch.
     if not (entry is not None and entry[0]() is multiplicity and entry[1]() is row_of
             and entry[2].numel() == below):
         entry = (weakref.ref(multiplicity) if multiplicity is not None else None, weakref.ref(row_of),
-                 row_of[keys[:below]].to(torch.int32))
+                 row_of.index_select(0, keys[:below]).to(torch.int32))
         if multiplicity is not None:
             _remember_rows(multiplicity, row_of, entry[2])
     rows = entry[2]
@@ -220,14 +220,17 @@ def derive_packed(flat: torch.Tensor, pack, row_ofs: list | None = None) -> list
     keys_all = (flat > 0).nonzero().squeeze(1)  # [K] packed indices read, ascending
     bounds = torch.searchsorted(keys_all, pack.offsets).tolist()  # [S + 1] each segment's range in keys_all
     counts = [b - a for a, b in zip(bounds, bounds[1:])]
-    local = pack.local[keys_all]  # [K] cache indices
-    kept = flat[keys_all]
-    bias = torch.log(kept)  # [K]
+    # index_select: 2-5x faster than advanced indexing at these sizes (a few thousand)
+    local = pack.local.index_select(0, keys_all)  # [K] cache indices
+    kept = flat.index_select(0, keys_all)
     unit = bool((kept == 1).all())
+    # [K] log m; all 0 when every m is 1 (a dp view), skipping a log that torch runs on both
+    # threads of a 2-core machine (55 us for 1,400 keys vs 4 us on one)
+    bias = kept.new_zeros(kept.shape) if unit else torch.log(kept)
     for m, keys, keys32, b in zip(ms, local.split(counts), local.to(torch.int32).split(counts), bias.split(counts)):
         _remember_keys(m, m.numel(), (keys, b, keys32, _EMPTY if unit else b))
     if row_ofs is not None:
-        rows = pack.copy_rows[keys_all]  # [K] int32
+        rows = pack.copy_rows.index_select(0, keys_all)  # [K] int32
         below = torch.searchsorted(keys_all, pack.copy_ends).tolist()  # [S] end of each copied range in keys_all
         for m, r, lo, hi in zip(ms, row_ofs, bounds, below):
             _remember_rows(m, r, rows[lo:hi])

@@ -86,7 +86,7 @@ class IndexedRowsMixin:
         assert all(c is None or c.row_of is n.segment.copy_rows for c, n in zip(copies, needs)), \
             "a key copy made for another cache layout"
         want_mass = any(n.scores for n in needs)
-        out, masses, keys = run_decode_requests(query[tokens], k_region, v_region, k_offsets, v_offsets, rows, requests,
+        out, masses, keys = run_decode_requests(query.index_select(0, tokens), k_region, v_region, k_offsets, v_offsets, rows, requests,
                                                 self.scale, want_mass=want_mass, key_copies=copies)
         output.index_copy_(0, tokens, out.view(len(needs), *output.shape[1:]).to(output.dtype))
         for need, mass, row_keys in zip(needs, masses or [None] * len(needs), keys):
