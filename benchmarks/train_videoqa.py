@@ -34,7 +34,9 @@ model count by sequence length, and ``count`` stayed at chance on whole clips.
 
 Writes the checkpoint (vLLM- and HF-loadable, with tokenizer and processor) and
 ``train_metrics.json`` (config, seed, timings, per-kind val/test accuracy, full tokens
-and 85% of visual tokens dropped at random) into ``--out``.
+and 85% of visual tokens dropped at random) into ``--out``; also at each evaluation before the
+last (``train_metrics.json`` then says ``"partial": true``), so an interrupted run's weights can
+be continued from with ``--init``.
 """
 from __future__ import annotations
 
@@ -268,6 +270,17 @@ def grow_layers(state: dict, have: int, want: int) -> dict:
     return out
 
 
+def save(model, processor, out: Path, args, metrics: dict) -> None:
+    """The checkpoint (vLLM- and HF-loadable, with tokenizer and processor) and its metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tiny_model.save_weights(model, out)
+    processor.save_pretrained(out)
+    (out / "tokenzoom_model.json").write_text(json.dumps({"preset": args.preset, "trained": "videoqa", "seed": args.seed}) + "\n")
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="checkpoints/videoqa-tiny")
@@ -281,7 +294,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2400, help="optimiser steps (8 clips each in the first half, then 1)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=300, help="validate (and save a partial checkpoint) every N steps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", help="start from this checkpoint's weights instead of the seed's init; one with fewer "
                                    "LM layers is grown to the preset's (``grow_layers``); its tower comes with it, "
@@ -370,6 +383,8 @@ def main(argv=None) -> None:
             history.append({"step": step, "loss": round(loss.item(), 4), "val": val_acc,
                             "minutes": round((time.perf_counter() - t0) / 60, 1)})
             tqdm.write(json.dumps(history[-1]))
+            if step < args.steps:  # an interrupted run keeps its last evaluated weights (continue with --init)
+                save(model, processor, Path(args.out), args, {"config": vars(args), "partial": True, "history": history})
     train_s = time.perf_counter() - t0
     model.eval()
     metrics = {
@@ -379,14 +394,7 @@ def main(argv=None) -> None:
         "test_full": evaluate(model, prompts, features, test),
         "test_random_drop_85": evaluate(model, prompts, features, test, drop=0.85, seed=args.seed),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-    tiny_model.save_weights(model, out)
-    processor.save_pretrained(out)
-    (out / "tokenzoom_model.json").write_text(json.dumps({"preset": args.preset, "trained": "videoqa", "seed": args.seed}) + "\n")
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    save(model, processor, Path(args.out), args, metrics)
     print(json.dumps({k: metrics[k] for k in ("train_minutes", "test_full", "test_random_drop_85")}, indent=1))
 
 
