@@ -30,9 +30,9 @@ def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
     # seeds whose TTM choices are clear of fp32 rounding: vLLM's and HF's vision towers differ at
     # ~1e-6 and TTM's similarity ranking has near-ties (1-10 ulps) at its keep boundary, so for some
-    # videos the two keep a different token (seed 72's mp4 at every commit; since the packages of
-    # 2026-12-07, opencv 5.1.0.95 and transformers 5.19.0, seeds 41, 44 and 46 too: checked with
-    # the offline engine's kept tokens against the reference's for seeds 40-47)
+    # videos the two keep a different token (seed 72's mp4 at every commit; in the fresh install of
+    # 2026-12-07, opencv 5.1.0.95 and transformers 5.19.0, seeds 41, 44 and 46 too, where the same
+    # code had passed the day before: checked with the offline engine's kept tokens, seeds 40-47)
     return [write_mp4(make_video(16, seed=seed), folder / f"v{i}.mp4") for i, seed in enumerate((40, 42, 43))]
 
 
