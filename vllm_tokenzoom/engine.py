@@ -24,7 +24,8 @@ from vllm_tokenzoom.errors import TokenZoomConfigError
 
 logger = logging.getLogger("vllm.tokenzoom")
 
-SUPPORTED_ARCHS = ("LlavaOnevisionForConditionalGeneration",)
+MODEL_ARCH = "LlavaOnevisionForConditionalGeneration"  # the architecture tokenzoom registers its model under
+SUPPORTED_ARCHS = (MODEL_ARCH,)
 HF_CONFIG_ATTR = "tokenzoom"  # where the model and its processor find the resolved config
 
 

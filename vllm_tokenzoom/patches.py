@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_ARCH = "LlavaOnevisionForConditionalGeneration"
+from vllm_tokenzoom.engine import MODEL_ARCH
+
 MODEL_IMPL = "vllm_tokenzoom.models.llava_onevision:TokenZoomLlavaOnevision"
 _PATCHED = "_tokenzoom_patched"
 

@@ -81,7 +81,7 @@ class RequestSession:
     # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
     sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     results_given: set[str] = field(default_factory=set)  # decode policies whose result went to the caller
-    figures: Figures = field(default_factory=lambda: Figures())  # what the metrics count, since last taken
+    figures: Figures = field(default_factory=Figures)  # what the metrics count, since last taken
     _layout: tuple = (None, None)
     _multiplicities: dict = field(default_factory=dict, repr=False)
 
