@@ -10,7 +10,7 @@ import pytest
 
 from vllm_tokenzoom.methods.dp import DP
 from vllm_tokenzoom.methods.ttm import TTM
-from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
+from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, kept_source, released, video_message, vllm_server
 from vllm_tokenzoom.testing.video import make_video, read_video, write_mp4
 
 QUESTION = "Describe what happens in this video."
@@ -55,9 +55,18 @@ def token_ids(reply) -> list[int]:
     return reply.choices[0].model_extra["token_ids"]
 
 
-def test_video_chat_matches_the_reference(client, videos, dense, prompt):
+def reference(dense, records, reply, video, prompt):
+    """The dense reference of a served reply, run on the engine's TTM choice, which must be the
+    reference's own up to rounding ties (``DenseLlavaOnevision.engine_ttm``)."""
+    record = released(records, reply.id)
+    assert record is not None, f"no record of {reply.id}"
+    frames = read_video(video)
+    return dense.generate(frames, prompt, dense.engine_ttm(frames, TTM_, kept_source(record)), 8, dp=DP_)
+
+
+def test_video_chat_matches_the_reference(client, videos, dense, prompt, records):
     reply = ask(client, data_url(videos[0]))
-    ref = dense.generate(read_video(videos[0]), prompt, TTM_, max_new_tokens=8, dp=DP_)
+    ref = reference(dense, records, reply, videos[0], prompt)
     assert reply.usage.prompt_tokens == ref.num_prompt_tokens
     text_tokens = len(dense.processor.tokenizer(prompt).input_ids) - 1
     assert reply.usage.prompt_tokens == text_tokens + TTM_.num_kept_tokens(16, 196) + 1
@@ -65,12 +74,12 @@ def test_video_chat_matches_the_reference(client, videos, dense, prompt):
     assert reply.choices[0].message.content  # the text is there too
 
 
-def test_concurrent_requests_answer_as_alone(client, videos, dense, prompt):
+def test_concurrent_requests_answer_as_alone(client, videos, dense, prompt, records):
     urls = [data_url(v) for v in videos] + ["file://" + str(v) for v in videos]
     with ThreadPoolExecutor(len(urls)) as pool:
-        replies = list(pool.map(lambda u: token_ids(ask(client, u)), urls))
-    alone = [dense.generate(read_video(v), prompt, TTM_, 8, dp=DP_).tokens for v in videos]
-    assert replies == alone + alone
+        replies = list(pool.map(lambda u: ask(client, u), urls))
+    alone = [reference(dense, records, r, v, prompt).tokens for r, v in zip(replies, videos + videos)]
+    assert [token_ids(r) for r in replies] == alone
 
 
 def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server):
@@ -81,7 +90,7 @@ def test_bad_requests_get_errors_and_the_server_lives_on(client, videos, server)
     assert ask(client, data_url(videos[1])).usage.prompt_tokens < MAX_MODEL_LEN
 
 
-def test_a_request_chooses_its_own_compression(client, videos, dense, prompt):
+def test_a_request_chooses_its_own_compression(client, videos, dense, prompt, records):
     """vllm_xargs {"tokenzoom": "<JSON>"}: TTM at K=0.5 for this request only (its own setting
     replaces the server's dycoke), the next plain request the server's default."""
     ttm = TTM(prune_ratio=0.5)
@@ -92,7 +101,7 @@ def test_a_request_chooses_its_own_compression(client, videos, dense, prompt):
     assert token_ids(reply) == ref.tokens
     plain = ask(client, data_url(videos[2]))  # the same video: no cache may hand it the K=0.5 placeholders
     assert plain.usage.prompt_tokens == text_tokens + TTM_.num_kept_tokens(16, 196) + 1
-    assert token_ids(plain) == dense.generate(read_video(videos[2]), prompt, TTM_, 8, dp=DP_).tokens
+    assert token_ids(plain) == reference(dense, records, plain, videos[2], prompt).tokens
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -108,20 +117,6 @@ def test_a_bad_per_request_setting_is_a_400_naming_it(client, videos, stream):
     with pytest.raises(openai.BadRequestError, match="vllm_xargs.tokenzoom"):
         ask(client, url, mm_processor_kwargs={"tokenzoom": '{"preset": "ttm"}'}, stream=stream)
     assert ask(client, url).usage.prompt_tokens < MAX_MODEL_LEN  # and the server lives on
-
-
-def released(records, request_id: str, timeout: float = 30.0) -> dict | None:
-    """The record the worker writes when it drops a request's session (TOKENZOOM_TRACE_DIR), or None."""
-    import json
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = list(records.glob(f"{request_id}*.json"))
-        if found:
-            return json.loads(found[0].read_text())
-        time.sleep(0.2)
-    return None
 
 
 def kv_usage(server) -> list[float]:

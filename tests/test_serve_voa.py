@@ -12,10 +12,10 @@ import pytest
 
 from vllm_tokenzoom.methods import ATA, VOA
 from vllm_tokenzoom.reference import voa as voa_reference
-from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, video_message, vllm_server
+from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, released, video_message, vllm_server
 from vllm_tokenzoom.testing.video import chat_prompt, make_video, read_video, write_mp4
 
-from .test_serve import kv_usage, released
+from .test_serve import kv_usage
 
 QUESTION = "Describe what happens in this video."
 MAX_TOKENS = 28  # s = 20 from the overview, then 8 with the keyframes

@@ -109,3 +109,31 @@ def test_identical_frames_keep_the_first_tokens():
     """Ties (a static scene) resolve by position, so the choice is deterministic."""
     frames = torch.ones(2, 10, 3)
     assert TTM(prune_ratio=0.7).plan(frames).tolist() == list(range(10)) + [10, 11, 12]
+
+
+def test_the_reference_takes_an_engine_choice_only_up_to_rounding_ties(dense):
+    """Served tests run the dense reference on the engine's TTM choice (the two vision towers
+    differ at ~1e-6): it must be TTM's own, but for tokens at a frame's keep boundary."""
+    from vllm_tokenzoom.testing.video import make_video
+
+    video, ttm = make_video(16, seed=41), TTM(prune_ratio=0.7)
+    pooled, every = dense.video_embeddings(video, None)
+    frames = pooled[:-1].view(16, every.cells, -1)
+    ours, (pruned, sim) = ttm.plan(frames).tolist(), ttm.similarities(frames)
+    assert dense.engine_ttm(video, ttm, ours).source == tuple(ours)
+    keep = ttm.tokens_kept_per_pruned_frame(every.cells)
+    ordered = sim.sort(dim=-1)  # ascending similarity: the first `keep` of a frame are kept
+    gaps = ordered.values[:, keep] - ordered.values[:, keep - 1]  # [P] either side of the boundary
+    i = int(gaps.argmax())
+    frame, ranked, gap = pruned[i], ordered.indices[i].tolist(), float(gaps[i])
+
+    def swapped(kept_cell, dropped_cell):
+        return sorted(set(ours) - {frame * every.cells + kept_cell} | {frame * every.cells + dropped_cell})
+
+    with pytest.raises(AssertionError, match="more than rounding"):  # the least similar for the most
+        dense.engine_ttm(video, ttm, swapped(ranked[0], ranked[-1]))
+    assert dense.engine_ttm(video, ttm, swapped(ranked[keep - 1], ranked[keep]), tol=0.75 * gap)
+    with pytest.raises(AssertionError, match="more than rounding"):
+        dense.engine_ttm(video, ttm, swapped(ranked[keep - 1], ranked[keep]), tol=0.25 * gap)
+    with pytest.raises(AssertionError, match="kept 1"):
+        dense.engine_ttm(video, ttm, ours[:1])

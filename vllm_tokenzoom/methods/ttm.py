@@ -80,23 +80,28 @@ class TTM(PreLLMPolicy):
         """
         num_frames, n, _ = frames.shape
         plan = self.frame_plan(num_frames)
-        pruned = [(f, ref) for f, ref in plan if ref is not None]
+        pruned, sim = self.similarities(frames)
         kept_spatial: dict[int, torch.Tensor] = {}
-        device = frames.device
         if pruned:
-            frame_ids = torch.tensor([f for f, _ in pruned], device=device)
-            ref_ids = torch.tensor([r for _, r in pruned], device=device)
-            # [P, N]: similarity of each token to the token at the same position in its reference
-            sim = torch.nn.functional.cosine_similarity(
-                frames[frame_ids].float(), frames[ref_ids].float(), dim=-1
-            )
             keep = self.tokens_kept_per_pruned_frame(n)
             # the `keep` least similar tokens (stable, so ties resolve by position), in spatial order
             chosen = torch.argsort(sim, dim=-1, stable=True)[:, :keep].sort(dim=-1).values  # [P, keep]
-            kept_spatial = {f: chosen[i] for i, (f, _) in enumerate(pruned)}
-        every = torch.arange(n, device=device)
+            kept_spatial = {f: chosen[i] for i, f in enumerate(pruned)}
+        every = torch.arange(n, device=frames.device)
         parts = [f * n + kept_spatial.get(f, every) for f, _ in plan]
         return torch.cat(parts).to(torch.int64)
+
+    def similarities(self, frames: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """frames: [T, N, D] -> (the pruned frames, [P, N] the cosine similarity of each of their
+        tokens to the token at the same position in its reference frame; a frame keeps its
+        ``tokens_kept_per_pruned_frame`` least similar)."""
+        pruned = [(f, ref) for f, ref in self.frame_plan(frames.shape[0]) if ref is not None]
+        if not pruned:
+            return [], frames.new_empty((0, frames.shape[1]))
+        frame_ids = torch.tensor([f for f, _ in pruned], device=frames.device)
+        ref_ids = torch.tensor([r for _, r in pruned], device=frames.device)
+        sim = torch.nn.functional.cosine_similarity(frames[frame_ids].float(), frames[ref_ids].float(), dim=-1)
+        return [f for f, _ in pruned], sim
 
     def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, KeptTokens]:
         """frames: [T, N, D] -> (kept tokens [K, D], their frames and cells)."""

@@ -43,6 +43,19 @@ class ReferenceOutput:
         return self.traces.get("dp")
 
 
+@dataclass(frozen=True)
+class GivenKept:
+    """A pre-LLM step of the reference that keeps given tokens (the engine's TTM choice:
+    :meth:`DenseLlavaOnevision.engine_ttm`)."""
+
+    source: tuple[int, ...]  # source indices frame * N + cell, ascending
+
+    def apply(self, frames: torch.Tensor) -> tuple[torch.Tensor, KeptTokens]:
+        """frames: [T, N, D] -> (the given tokens [K, D], their frames and cells)."""
+        kept = torch.tensor(self.source, dtype=torch.int64)
+        return frames.flatten(0, 1)[kept], KeptTokens.from_source(kept, frames.shape[1])
+
+
 class DenseLlavaOnevision:
     """Load once, generate many: ``DenseLlavaOnevision(model_dir).generate(video, prompt, ttm)``."""
 
@@ -68,6 +81,29 @@ class DenseLlavaOnevision:
             return pooled, KeptTokens.every(num_frames, tokens.shape[0] // num_frames)
         kept_tokens, kept = ttm.apply(tokens.view(num_frames, tokens.shape[0] // num_frames, -1))
         return torch.cat((kept_tokens, newline)), kept
+
+    def engine_ttm(self, video: np.ndarray, ttm: TTM, source, tol: float = 1e-6) -> "GivenKept":
+        """The engine's TTM choice (``source``: the source indices it kept) as the pre-LLM step
+        of :meth:`generate`, once checked to be this reference's choice up to rounding ties: a
+        token one keeps and the other drops must have a similarity within ``tol`` of its frame's
+        keep boundary (vLLM's and HF's vision towers differ at ~1e-6, and on the synthetic test
+        videos TTM's ranking has ties of a few ulps there; DyCoke §3.2(1))."""
+        pooled, every = self.video_embeddings(video, None)
+        frames = pooled[:-1].view(-1, every.cells, pooled.shape[-1])  # [T, N, D]
+        ours, theirs = ttm.plan(frames).tolist(), sorted(int(s) for s in source)
+        assert len(theirs) == len(ours), f"the engine kept {len(theirs)} of the video's tokens, TTM keeps {len(ours)}"
+        pruned, sim = ttm.similarities(frames)
+        keep = ttm.tokens_kept_per_pruned_frame(every.cells)
+        for index in sorted(set(ours) ^ set(theirs)):
+            frame, cell = divmod(index, every.cells)
+            assert frame in pruned, f"the engine's TTM choice differs in frame {frame}, which TTM keeps whole"
+            row = sim[pruned.index(frame)]  # [N]
+            ranked = row.sort().values
+            boundary = (float(ranked[keep - 1]) + float(ranked[keep])) / 2  # in float64: exact
+            assert abs(float(row[cell]) - boundary) <= tol, (
+                f"the engine's TTM choice differs in frame {frame} at cell {cell}, similarity {float(row[cell]):.9f} "
+                f"against the keep boundary {boundary:.9f}: more than rounding")
+        return GivenKept(tuple(theirs))
 
     def prompt_embeds(self, video: np.ndarray, prompt: str, ttm: TTM | None, suffix: list[int] = ()):
         """-> (ids [1, L] with the video's placeholders, then ``suffix``; inputs_embeds [1, L, D];

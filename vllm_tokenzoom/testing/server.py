@@ -92,3 +92,22 @@ def data_url(path: str | Path) -> str:
     import base64
 
     return "data:video/mp4;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def released(records: str | Path, request_id: str, timeout: float = 30.0) -> dict | None:
+    """The record the worker writes when it drops a request's session (``TOKENZOOM_TRACE_DIR``
+    = ``records``), or None after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = list(Path(records).glob(f"{request_id}*.json"))
+        if found:
+            return json.loads(found[0].read_text())
+        time.sleep(0.2)
+    return None
+
+
+def kept_source(record: dict) -> list[int]:
+    """The source indices (frame * cells + cell) of the tokens of the request's first video that
+    reached the LLM, from its record."""
+    cells = record["cells"][0]
+    return [f * cells + c for v, f, c in zip(record["video"], record["frame"], record["cell"]) if v == 0]
