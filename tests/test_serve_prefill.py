@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from vllm_tokenzoom.config import PRESETS, parse_config
-from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, kept_source, released, video_message, vllm_server
+from vllm_tokenzoom.testing.server import cpu_serve_args, data_url, kept_source, video_message, vllm_server
 from vllm_tokenzoom.testing.video import chat_prompt, make_video, read_video, write_mp4
 
 FASTV = {"fastv": {"layer": 2, "prune_ratio": 0.5}}
@@ -61,9 +61,7 @@ def test_concurrent_video_chats_answer_as_alone(served, videos):
     for reply, video in zip(replies, videos):
         frames, own = read_video(video), dict(policies)
         if "ttm" in own:  # the engine's TTM choice, the reference's own up to rounding ties
-            record = released(records, reply.id)
-            assert record is not None, f"no record of {reply.id}"
-            own["ttm"] = dense.engine_ttm(frames, own["ttm"], kept_source(record))
+            own["ttm"] = dense.engine_ttm(frames, own["ttm"], kept_source(records, reply.id))
         alone.append(dense.generate(frames, question, max_new_tokens=8, **own).tokens)
     assert [r.choices[0].model_extra["token_ids"] for r in replies] == alone
     with urllib.request.urlopen(url + "/metrics") as r:

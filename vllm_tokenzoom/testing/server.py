@@ -106,8 +106,10 @@ def released(records: str | Path, request_id: str, timeout: float = 30.0) -> dic
     return None
 
 
-def kept_source(record: dict) -> list[int]:
+def kept_source(records: str | Path, request_id: str) -> list[int]:
     """The source indices (frame * cells + cell) of the tokens of the request's first video that
-    reached the LLM, from its record."""
+    reached the LLM, from the record it left in ``records`` (``TOKENZOOM_TRACE_DIR``)."""
+    record = released(records, request_id)
+    assert record is not None, f"no record of {request_id}"
     cells = record["cells"][0]
     return [f * cells + c for v, f, c in zip(record["video"], record["frame"], record["cell"]) if v == 0]
