@@ -19,7 +19,8 @@ and for FastV ``(K V + (L - K) round(V (1 - R))) / (L V_video)``. FastV (K=2) ru
 R = 0.5, 0.75, 0.9, next to the baselines at the same shares.
 
 Appends rows to benchmarks/results/accuracy.csv, writes accuracy.png (accuracy against
-visual tokens kept) and accuracy_latest.md (the table the README quotes).
+visual tokens kept) and accuracy_latest.md (the table the README quotes); ``--tag T`` names
+the last two accuracy_T.png and accuracy_T_latest.md (a partial run, e.g. one kind).
 """
 from __future__ import annotations
 
@@ -181,6 +182,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="40 clips; TTM K=0.7, FastV R=0.75, DyCoke, baselines at their shares and 15%%")
     ap.add_argument("--out", default=str(RESULTS), help="folder for the results (default: benchmarks/results)")
+    ap.add_argument("--tag", default="", help="name a partial run's table and plot accuracy_TAG_latest.md and "
+                                             "accuracy_TAG.png (default: the main ones the README quotes)")
     args = ap.parse_args(argv)
     if args.quick:
         args.clips = min(args.clips, 40)
@@ -221,10 +224,10 @@ def main(argv=None) -> None:
         more = [s for s in more if s[0].split()[-1] in wanted]
     for setting in tqdm(more, desc="baselines", unit="setting"):
         run(*setting)
-    save(rows, Path(args.out))
+    save(rows, Path(args.out), args.tag)
 
 
-def save(rows, results: Path = RESULTS) -> None:
+def save(rows, results: Path = RESULTS, tag: str = "") -> None:
     results.mkdir(parents=True, exist_ok=True)
     # rows from before the task / kinds columns: task v1, its six kinds
     append_csv(results / "accuracy.csv", {}, rows,
@@ -236,8 +239,9 @@ def save(rows, results: Path = RESULTS) -> None:
              "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['prefill_kept']:.1%} | {r['visual_kv_share']:.1%} | {r['decode_attended']:.1%} | "
               f"{r['accuracy']:.1%} |" for r in rows]
-    (results / "accuracy_latest.md").write_text("\n".join(lines) + "\n")
-    plot(rows, results / "accuracy.png")
+    name = f"accuracy_{tag}" if tag else "accuracy"
+    (results / f"{name}_latest.md").write_text("\n".join(lines) + "\n")
+    plot(rows, results / f"{name}.png")
     print("\n".join(lines))
 
 

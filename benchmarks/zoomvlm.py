@@ -14,7 +14,8 @@ The oracle prompt is vanilla vLLM with about as many visual tokens as VOA's seco
 
     python benchmarks/zoomvlm.py [--model models/qwen2-0.5b] [--tokens 48] [--frames 32] [--rounds 1]
 
-Writes benchmarks/results/zoomvlm.{csv,json,png}.
+Appends to benchmarks/results/zoomvlm.csv; writes zoomvlm.{json,png} (``--batch 16``:
+zoomvlm_batch16.json; ``--tag T``: a suffix ``_T`` for a partial run's).
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ def main(argv=None) -> None:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1, help="requests at once (> 1: decode step when all decode)")
+    ap.add_argument("--tag", default="", help="a partial run's JSON and plot get this suffix (zoomvlm_TAG.json), "
+                                             "so it does not replace the full run's")
     args = ap.parse_args(argv)
     runs: dict[str, list[dict]] = {}
     for round_ in range(args.rounds):
@@ -132,10 +135,10 @@ def main(argv=None) -> None:
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), model=args.model, batch=args.batch,
                 vllm=_version("vllm"), torch=_version("torch"), mode="offline LLM, in-process engine, eager, fp32")
     append_csv(RESULTS / "zoomvlm.csv", meta, [{k: v for k, v in r.items() if k != "blocks_series"} for r in rows])
-    suffix = "" if args.batch == 1 else f"_batch{args.batch}"
+    suffix = ("" if args.batch == 1 else f"_batch{args.batch}") + (f"_{args.tag}" if args.tag else "")
     (RESULTS / f"zoomvlm{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     if args.batch == 1:
-        plot(rows, RESULTS / "zoomvlm.png")
+        plot(rows, RESULTS / f"zoomvlm{suffix}.png")
     print(f"wrote {RESULTS / 'zoomvlm.csv'}")
 
 
