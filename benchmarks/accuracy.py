@@ -102,6 +102,9 @@ def settings(quick: bool, num_layers: int) -> list[tuple[str, str, dict | None]]
         out += [(f"ata every={e} copies=drops={m}" + (" (default)" if (e, m) == (3, 10) else ""), "ata",
                  {"methods": {"ata": {"every": e, "copies": m, "drops": m}}})
                 for e, m in ([(3, 10)] if quick else [(3, 10), (1, 10), (1, 100)])]
+        if not quick:  # which half of the default's adjustment costs accuracy: the copies or the drops
+            out += [(f"ata every=3 copies={c} drops={d}", "ata", {"methods": {"ata": {"every": 3, "copies": c, "drops": d}}})
+                    for c, d in ((10, 0), (0, 10))]
         # one-word answers end before token s = 20: VOA's answer here is its overview pass's
         out += [("voa (overview: 22/32 frames at 10x10)", "voa", {"methods": {"voa": {}}})]
         out += [("zoomvlm (voa + ata, the paper's defaults)", "zoomvlm", {"preset": "zoomvlm"})]
@@ -176,6 +179,7 @@ def main(argv=None) -> None:
                                                f"checkpoint was trained on; all: {','.join(videoqa.KINDS)})")
     ap.add_argument("--chunk", type=int, default=48, help="requests per generate call")
     ap.add_argument("--only", default="", help="comma-separated method families to run (default: all)")
+    ap.add_argument("--match", default="", help="comma-separated; run only the settings whose name contains one")
     ap.add_argument("--budgets", default="", help="comma-separated baseline budgets to run (default: all of them)")
     ap.add_argument("--baselines-for", default="",
                     help="comma-separated method families whose measured shares the baselines run at (default: all)")
@@ -198,6 +202,8 @@ def main(argv=None) -> None:
     chosen = settings(args.quick, num_layers)
     if args.only:
         chosen = [s for s in chosen if s[1] in args.only.split(",")]
+    if args.match:
+        chosen = [s for s in chosen if any(m in s[0] for m in args.match.split(","))]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
                 torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", kinds=args.kinds, clips=args.clips,
                 questions=len(questions))
@@ -219,6 +225,8 @@ def main(argv=None) -> None:
     more = baselines(rows, args.quick, args.baselines_for)
     if args.only:
         more = [s for s in more if s[1] in args.only.split(",")]
+    if args.match:
+        more = [s for s in more if any(m in s[0] for m in args.match.split(","))]
     if args.budgets:
         wanted = {f"{float(b):.2f}" for b in args.budgets.split(",")}
         more = [s for s in more if s[0].split()[-1] in wanted]
