@@ -199,11 +199,12 @@ def main(argv=None) -> None:
     args.kinds = args.kinds or ",".join(videoqa.trained_kinds(args.model))
     clips = [videoqa.make_clip(s, render=False) for s in videoqa.split_seeds("test", args.clips)]
     questions = [(c, q) for c in clips for q in videoqa.questions(c) if q.kind in args.kinds.split(",")]
-    chosen = settings(args.quick, num_layers)
-    if args.only:
-        chosen = [s for s in chosen if s[1] in args.only.split(",")]
-    if args.match:
-        chosen = [s for s in chosen if any(m in s[0] for m in args.match.split(","))]
+
+    def picked(name: str, family: str) -> bool:  # --only and --match
+        return ((not args.only or family in args.only.split(","))
+                and (not args.match or any(m in name for m in args.match.split(","))))
+
+    chosen = [s for s in settings(args.quick, num_layers) if picked(*s[:2])]
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), vllm=_version("vllm"),
                 torch=_version("torch"), model=args.model, task=f"videoqa v{videoqa.VERSION}", kinds=args.kinds, clips=args.clips,
                 questions=len(questions))
@@ -222,11 +223,7 @@ def main(argv=None) -> None:
 
     for setting in tqdm(chosen, desc="methods", unit="setting"):
         run(*setting)
-    more = baselines(rows, args.quick, args.baselines_for)
-    if args.only:
-        more = [s for s in more if s[1] in args.only.split(",")]
-    if args.match:
-        more = [s for s in more if any(m in s[0] for m in args.match.split(","))]
+    more = [s for s in baselines(rows, args.quick, args.baselines_for) if picked(*s[:2])]
     if args.budgets:
         wanted = {f"{float(b):.2f}" for b in args.budgets.split(",")}
         more = [s for s in more if s[0].split()[-1] in wanted]

@@ -6,34 +6,57 @@ flashes' tokens (4 per flash) the adjustments inside the answer deleted.
 
     python benchmarks/ata_drops.py 40 > benchmarks/results/ata_drops_describe.txt
 """
-import sys, torch
-from vllm_tokenzoom.reference.llava_onevision import DenseLlavaOnevision
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+import torch
+
 from vllm_tokenzoom.methods.ata import ATA
+from vllm_tokenzoom.reference.llava_onevision import DenseLlavaOnevision
 from vllm_tokenzoom.testing import videoqa
 from vllm_tokenzoom.testing.video import chat_prompt
-torch.set_num_threads(1)
-dense = DenseLlavaOnevision("checkpoints/videoqa-deep-describe")
-tok = dense.processor.tokenizer
-eos = tok.convert_tokens_to_ids("<|im_end|>")
-n = int(sys.argv[1])
-stats = dict(clips=0, changed=0, adj=0, deleted=0, flash_deleted=0, flash_deleted_clips=0, changed_with_flash=0)
-for s in videoqa.split_seeds("test", n):
-    clip = videoqa.make_clip(s)
-    q = [x for x in videoqa.questions(clip) if x.kind == "describe"][0]
-    prompt = chat_prompt(tok, q.text)
-    full = dense.generate(clip.frames, prompt, max_new_tokens=20)
-    ata = dense.generate(clip.frames, prompt, max_new_tokens=20, ata=ATA(copies=0, drops=10))
-    a, b = full.tokens[-20:], ata.tokens[-20:]
-    end = a.index(eos) if eos in a else len(a)
-    flash = {f.frame * 196 + (f.row + dr) * 14 + f.col + dc for f in clip.flashes for dr in (0, 1) for dc in (0, 1)}
-    hit = 0
-    for pos, copied, deleted in ata.traces["ata"]:
-        if pos - full.num_prompt_tokens <= end:
-            stats["adj"] += 1; stats["deleted"] += len(deleted)
-            hit += len(set(map(int, deleted)) & flash)
-    changed = a[:end + 1] != b[:end + 1]
-    stats["clips"] += 1; stats["changed"] += changed; stats["flash_deleted"] += hit
-    stats["flash_deleted_clips"] += hit > 0; stats["changed_with_flash"] += changed and hit > 0
-    print(s, len(clip.flashes), "changed" if changed else "same", "flash tokens deleted", hit,
-          repr(tok.decode(a[:end])), "->", repr(tok.decode(b[:end])), flush=True)
-print(stats)
+
+GRID, TOKENS = videoqa.GRID, 20  # token cells per frame side; tokens generated per answer
+
+
+def flash_indices(clip: videoqa.Clip) -> set[int]:
+    """The visual indices (frame * 196 + cell) of every flash's 2x2 token cells."""
+    return {f.frame * GRID * GRID + (f.row + dr) * GRID + f.col + dc
+            for f in clip.flashes for dr in (0, 1) for dc in (0, 1)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("clips", type=int, help="the first N test clips")
+    ap.add_argument("--model", default="checkpoints/videoqa-deep-describe")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    dense = DenseLlavaOnevision(args.model)
+    tok = dense.processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    stats = Counter(clips=0, changed=0, adj=0, deleted=0, flash_deleted=0, flash_deleted_clips=0, changed_with_flash=0)
+    for seed in videoqa.split_seeds("test", args.clips):
+        clip = videoqa.make_clip(seed)
+        (q,) = [x for x in videoqa.questions(clip) if x.kind == "describe"]
+        prompt = chat_prompt(tok, q.text)
+        full = dense.generate(clip.frames, prompt, max_new_tokens=TOKENS)
+        ata = dense.generate(clip.frames, prompt, max_new_tokens=TOKENS, ata=ATA(copies=0, drops=10))
+        a, b = full.tokens[-TOKENS:], ata.tokens[-TOKENS:]  # the generated tokens (EOS ignored)
+        end = a.index(eos) if eos in a else len(a)
+        flash, hit = flash_indices(clip), 0
+        for position, _, deleted in ata.traces["ata"]:
+            if position - full.num_prompt_tokens <= end:  # an adjustment inside the answer
+                stats.update(adj=1, deleted=len(deleted))
+                hit += len(set(map(int, deleted)) & flash)
+        changed = a[:end + 1] != b[:end + 1]
+        stats.update(clips=1, changed=changed, flash_deleted=hit, flash_deleted_clips=hit > 0,
+                     changed_with_flash=changed and hit > 0)
+        print(seed, len(clip.flashes), "changed" if changed else "same", "flash tokens deleted", hit,
+              repr(tok.decode(a[:end])), "->", repr(tok.decode(b[:end])), flush=True)
+    print(dict(stats))
+
+
+if __name__ == "__main__":
+    main()
