@@ -47,12 +47,14 @@ def measure(model: str, name: str, frames: int, tokens: int, seed: int, batch: i
     requests = [dict(frames=frames, seed=seed + 1000 * i, max_tokens=tokens) for i in range(batch)]
     voa = name in ("zoomvlm", "voa")
     result = run_offline(model, requests, config, plugins=plugins, warmup=[dict(frames=4, seed=seed - 1, max_tokens=2)],
-                         timeout=7200, preload=["voa_probe", "step_probe"], trace=voa, batch=batch > 1,
+                         timeout=7200, preload=["voa_probe", "step_probe"], trace=plugins, batch=batch > 1,
                          llm_kwargs={"max_num_batched_tokens": 8192, "max_model_len": 8192, "max_num_seqs": batch},
                          # 16 vanilla 32-frame requests: 16 x 50 blocks of 128 tokens x 24 KB = 2.4 GiB
                          env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2" if batch == 1 else "5"})
+    # ATA's adjustments, summed over the requests (a random-weight model rarely samples a sentence end)
+    adjustments = sum(len((o["traces"] or {}).get("ata") or []) for o in result["outputs"]) if plugins else None
     if batch > 1:
-        return batch_row(name, frames, tokens, batch, result)
+        return dict(batch_row(name, frames, tokens, batch, result), ata_adjustments=adjustments)
     (out,) = result["outputs"]
     log = result["reports"]["voa_probe"]
     rid, rec = list(log["requests"].items())[-1]  # the measured request (after the warm-up)
@@ -60,7 +62,8 @@ def measure(model: str, name: str, frames: int, tokens: int, seed: int, batch: i
     row = dict(setting=name, frames=frames, tokens=len(out["tokens"]), prompt_tokens=out["num_prompt_tokens"],
                ttft_s=round(rec["first"] - rec["added"], 2),
                decode_tokens_per_s=round((len(out["tokens"]) - 1) / (rec["last"] - rec["first"]), 2),
-               peak_kv_blocks=max((n for _, n in blocks), default=0), request_s=round(out["seconds"], 2))
+               peak_kv_blocks=max((n for _, n in blocks), default=0), request_s=round(out["seconds"], 2),
+               ata_adjustments=adjustments)
     if voa:  # the keyframes, and the decode rate of the second pass (after its prefill)
         row["keyframes"] = (out["traces"] or {}).get("voa")
         s, times = 20, rec["times"]

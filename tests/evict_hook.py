@@ -15,12 +15,14 @@ _original_decide = sessions.RequestSession.decide
 
 
 def decide(self, name, layer, position, scores):
-    _original_decide(self, name, layer, position, scores)
+    changed = _original_decide(self, name, layer, position, scores)
     if name == "dp" and "test_evict" not in self.view.layers:
         positions = self.token_map.positions
         value = ((positions < DEAD[0]) | (positions >= DEAD[1])).float()
         assert int((value == 0).sum()) == DEAD[1] - DEAD[0], "the evicted span must be visual tokens"
         self.view.push("test_evict", 0, position, value, permanent=True)
+        return True
+    return changed
 
 
 sessions.RequestSession.decide = decide

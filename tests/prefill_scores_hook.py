@@ -34,10 +34,11 @@ _original_decide = sessions.RequestSession.decide
 
 
 def decide(self, name, layer, position, scores):
-    _original_decide(self, name, layer, position, scores)
+    changed = _original_decide(self, name, layer, position, scores)
     if name == "probe":
         num_text = self.num_prompt_tokens - self.token_map.first_text_position
         _SCORES.setdefault(self.req_id, {})[layer] = (scores / num_text).tolist()
+    return changed
 
 
 sessions.new_session = new_session

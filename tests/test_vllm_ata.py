@@ -54,6 +54,29 @@ def test_ata_matches_reference(tiny_model, reference, ata):
     assert outputs[1]["traces"] is None  # a text-only request has no session
 
 
+def test_ata_computes_attention_only_where_it_adjusts(tiny_model, reference):
+    """ZoomVLM reads the attention at every ``every``-th sentence end only: the other steps
+    compute none (the forward keeps the sampling query; its attention is computed after
+    sampling if the token ends such a sentence), and the outputs still equal the reference."""
+    batch = VIDEOS
+    run = run_offline(tiny_model, batch, methods(ata=SPARSE), batch=True, trace=True,
+                      preload=["tests.kernel_calls_hook"])
+    ends, wanted = set(SPARSE.sentence_end_ids), 0
+    for request, got in zip(batch, run["outputs"]):
+        ref = reference(request, ata=SPARSE)
+        assert_matches(got, ref)
+        sentences = 0
+        for token in ref.tokens:  # the last one included: it was sampled, then the request ended
+            sentences += token in ends
+            wanted += token in ends and sentences % SPARSE.every == 0
+    steps = len(batch) * VIDEOS[0]["max_tokens"]
+    assert 0 < wanted < steps / 2, "too few or too many adjustment steps for the test to tell"
+    assert run["reports"]["tests.kernel_calls_hook"]["mass_calls"] == wanted * len(SPARSE_LAYERS)
+
+
+SPARSE_LAYERS = range(SPARSE.first_score_layer, SPARSE.last_score_layer + 1)
+
+
 def test_ata_with_dp_matches_reference(tiny_model, reference):
     """Both decode policies in one view: ATA's counts in every layer, dp's selection in layers
     >= L, neither erasing the other (their product)."""

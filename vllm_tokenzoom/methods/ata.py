@@ -131,18 +131,28 @@ class ATA(DecodePolicy):
     def score_requests(self) -> tuple[ScoreRequest, ...]:
         return tuple(ScoreRequest(layer, Queries.NEXT_TOKEN) for layer in self.score_layers)
 
-    def step(self, scores: torch.Tensor, state: ATAState | None, token: int) -> tuple[torch.Tensor | None, ATAState]:
-        """scores: [V] fp32, the sampling forward's attention summed over the score layers (head
-        mean); token: what it sampled. -> (multiplicity [V] float32 in force from the next query,
-        or None for all ones; the next state). The same value object when nothing changed."""
+    def start(self, token_map) -> ATAState:
+        return ATAState(torch.ones(token_map.num_visual, dtype=torch.int32), None, self.sentences)
+
+    def wants_scores(self, state: ATAState, token: int) -> bool:
+        """Only an adjustment step reads the attention: ``token`` ends the ``every``-th sentence."""
         if self.sentence_end_ids is None:
-            raise ValueError("ATA.step needs sentence_end_ids: resolve the policy with for_model(num_layers, tokenizer)")
+            raise ValueError("ATA needs sentence_end_ids: resolve the policy with for_model(num_layers, tokenizer)")
+        sentences = self.sentences if state is None else state.sentences
+        return token in self._ends and (sentences + 1) % self.every == 0
+
+    def step(self, scores: torch.Tensor | None, state: ATAState | None, token: int) -> tuple[torch.Tensor | None, ATAState]:
+        """scores: [V] fp32, the sampling forward's attention summed over the score layers (head
+        mean; None when :meth:`wants_scores` said no); token: what it sampled. -> (multiplicity
+        [V] float32 in force from the next query, or None for all ones; the next state). The same
+        value object when nothing changed. ``state`` None: as :meth:`start` (from ``scores``'s size)."""
         if state is None:
-            state = ATAState(torch.ones(scores.numel(), dtype=torch.int32, device=scores.device), None, self.sentences)
-        sentences = state.sentences + (token in self._ends)
-        if sentences == state.sentences or sentences % self.every:
-            return state.value, ATAState(state.counts, state.value, sentences)
-        counts, copied, deleted = adjust(scores.float() / len(self.score_layers), state.counts, self.copies, self.drops)
+            state = ATAState(torch.ones(scores.numel(), dtype=torch.int32), None, self.sentences)
+        if not self.wants_scores(state, token):
+            return state.value, ATAState(state.counts, state.value, state.sentences + (token in self._ends))
+        sentences = state.sentences + 1
+        counts = state.counts.to(scores.device)
+        counts, copied, deleted = adjust(scores.float() / len(self.score_layers), counts, self.copies, self.drops)
         if copied is None:  # too few entries left
             return state.value, ATAState(state.counts, state.value, sentences)
         value = counts.float()

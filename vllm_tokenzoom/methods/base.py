@@ -195,7 +195,8 @@ class DecodePolicy(Policy):
 
     A policy that decides ``after_sampling`` gets its scores summed over its score layers and
     the token that forward sampled; its multiplicities are in force from the next query on
-    (ZoomVLM's ATA acts on sentence ends). A ``permanent`` policy never revives a 0: blocks
+    (ZoomVLM's ATA acts on sentence ends). The forward keeps its queries at the score layers and
+    the attention over them is computed after sampling, only if :meth:`wants_scores` says so. A ``permanent`` policy never revives a 0: blocks
     whose tokens it zeroed in every layer go back to vLLM's pool while the request runs."""
 
     stage = Stage.DECODE
@@ -213,6 +214,11 @@ class DecodePolicy(Policy):
         """The state before the first step (``kv/token_map.TokenMap``: each visual token's video,
         frame and cell; complete by then)."""
         return None
+
+    def wants_scores(self, state: Any, token: int) -> bool:
+        """An ``after_sampling`` policy: whether ``step(scores, state, token)`` reads ``scores``
+        for this sampled ``token``; if not, it gets None and no attention is computed for it."""
+        return True
 
     def result(self, state: Any) -> Any:
         """What the engine hands back to the caller with the request's output once it is not

@@ -181,8 +181,12 @@ class KeyframeProbe(DecodePolicy):
     def start(self, token_map) -> ProbeState:
         return ProbeState(token_map.frame, token_map.cells[0] - self.grid ** 2)
 
-    def step(self, scores: torch.Tensor, state: ProbeState, token: int) -> tuple[None, ProbeState]:
-        """scores: [V] fp32 summed over the score layers. -> (None: every token read, the next state)."""
+    def wants_scores(self, state: ProbeState, token: int) -> bool:
+        return state.sampled + 1 == self.probe_tokens
+
+    def step(self, scores: torch.Tensor | None, state: ProbeState, token: int) -> tuple[None, ProbeState]:
+        """scores: [V] fp32 summed over the score layers (None but at token #``probe_tokens``).
+        -> (None: every token read, the next state)."""
         sampled = state.sampled + 1
         chosen = state.chosen
         if sampled == self.probe_tokens:

@@ -62,8 +62,10 @@ def reclaimable_blocks(session: RequestSession, num_computed_tokens: int, block_
 
 
 def take_sampled_now(requests: dict) -> None:
-    """Right after sampling (sync scheduling: the tokens are on the host): the policies with a
-    result for the caller decide now, so a request that ends with this token still has it."""
+    """Right after sampling (sync scheduling: the tokens are on the host): the after-sampling
+    policies' kept queries are scored if their tokens call for it, while the cache still holds
+    what the forward read; the policies with a result for the caller decide now, so a request
+    that ends with this token still has it."""
     for rid, session in SESSIONS.items():
         state = requests.get(rid)
         if session.sampled_scores and state is not None:

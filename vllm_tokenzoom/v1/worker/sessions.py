@@ -61,6 +61,27 @@ class Figures:
         return out
 
 
+class LaterScores:
+    """An after-sampling policy's scores before they are computed: per score layer, a function
+    computing that layer's [V] scores from the query the forward kept (its keys stay in the
+    cache until the next step runs). Summed in layer order, as the forward would have."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __add__(self, other: "LaterScores") -> "LaterScores":
+        return LaterScores(self.parts + other.parts)
+
+    def compute(self) -> torch.Tensor:
+        total = None
+        for part in self.parts:
+            scores = part()
+            total = scores if total is None else total + scores
+        return total
+
+
 @dataclass(eq=False)
 class RequestSession:
     req_id: str
@@ -78,8 +99,9 @@ class RequestSession:
     # (spans, encoder-cache identifiers, the runner's encoder cache) while the token map lacks
     # a video's pre-LLM plan: the encoder runs in the step's forward, after the session is made
     plans: tuple | None = None
-    # after-sampling decode policy -> (the sampling query's position, its scores summed over layers)
-    sampled_scores: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    # after-sampling decode policy -> (the sampling query's position, its scores summed over
+    # layers: LaterScores until the sampled token is known, then a tensor or None if not wanted)
+    sampled_scores: dict[str, tuple[int, Any]] = field(default_factory=dict)
     results_given: set[str] = field(default_factory=set)  # decode policies whose result went to the caller
     figures: Figures = field(default_factory=Figures)  # what the metrics count, since last taken
     _layout: tuple = (None, None)
@@ -154,8 +176,14 @@ class RequestSession:
         return out
 
     # -- decisions (between layers) ----------------------------------------------------------
-    def decide(self, name: str, layer: int, position: int, scores: torch.Tensor) -> None:
-        """scores: [V] fp32, summed over the queries the policy asked for at ``layer``."""
+    def scores_later(self, name: str) -> bool:
+        """Whether ``name``'s scores are computed after sampling, from queries the forward kept."""
+        policy = self.decode.get(name)
+        return policy is not None and policy.after_sampling
+
+    def decide(self, name: str, layer: int, position: int, scores) -> bool:
+        """scores: [V] fp32, summed over the queries the policy asked for at ``layer`` (an
+        after-sampling policy's: :class:`LaterScores`). -> whether a view may have changed."""
         if name in self.prefill:
             policy = self.prefill[name]
             if name not in self.states:
@@ -170,33 +198,54 @@ class RequestSession:
                 self.figures.skipped(name, left * (self.num_layers - 1 - layer))
                 self._trace(name, lambda: policy.describe(layer, dropped, self.states[name]))
             self.figures.timed(name, time.perf_counter() - t0)
-            return
+            return True
         policy = self.decode[name]
         if policy.after_sampling:  # summed over its layers; decided once the token is known
             seen, total = self.sampled_scores.get(name, (position, None))
             self.sampled_scores[name] = (position, scores if total is None or seen != position else total + scores)
-            return
+            return False
         t0 = time.perf_counter()
         value, self.states[name] = policy.step(scores, self._state(name))
         self._push(name, position, value)
         self.figures.timed(name, time.perf_counter() - t0)
+        return True
+
+    def resolve_sampled(self, output_token_ids) -> None:
+        """Right after sampling (sync scheduling: the token on the host, the cache as the forward
+        left it): each after-sampling policy's kept queries become scores if the sampled token
+        calls for them (``DecodePolicy.wants_scores``), else None; no attention computed then."""
+        for name, (position, scores) in list(self.sampled_scores.items()):
+            token = self._sampled_token(position, output_token_ids)
+            if isinstance(scores, LaterScores) and token is not None:
+                wanted = self.decode[name].wants_scores(self._state(name), token)
+                self.sampled_scores[name] = (position, scores.compute() if wanted else None)
 
     def take_sampled(self, output_token_ids, reporting_only: bool = False) -> None:
         """Between steps: the after-sampling policies decide from the scores of the forward that
-        sampled the newest token and from that token; in force from the query after it.
+        sampled the newest token and from that token; in force from the query after it. Their
+        kept queries are scored first (:meth:`resolve_sampled`; sync scheduling: right after
+        sampling, by ``reports.take_sampled_now``).
         ``reporting_only``: only those with a result for the caller (``DecodePolicy.reports``)."""
+        self.resolve_sampled(output_token_ids)
         for name, (position, scores) in list(self.sampled_scores.items()):
             if reporting_only and not self.decode[name].reports:
                 continue
-            i = position + 1 - self.num_prompt_tokens  # the sampled token sits at position + 1
-            if i >= len(output_token_ids) or output_token_ids[i] < 0:
+            token = self._sampled_token(position, output_token_ids)
+            if token is None:
                 continue  # not on the host yet
             del self.sampled_scores[name]
             policy = self.decode[name]
             t0 = time.perf_counter()
-            value, self.states[name] = policy.step(scores, self._state(name), int(output_token_ids[i]))
+            value, self.states[name] = policy.step(scores, self._state(name), token)
             self._push(name, position + 1, value)
             self.figures.timed(name, time.perf_counter() - t0)
+
+    def _sampled_token(self, position: int, output_token_ids) -> int | None:
+        """The token the forward of the query at ``position`` sampled, None if not on the host yet."""
+        i = position + 1 - self.num_prompt_tokens  # the sampled token sits at position + 1
+        if i >= len(output_token_ids) or output_token_ids[i] < 0:
+            return None
+        return int(output_token_ids[i])
 
     def _state(self, name: str) -> Any:
         """A decode policy's state, started once the token map is complete (after the first forward)."""

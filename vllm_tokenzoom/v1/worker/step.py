@@ -25,6 +25,7 @@ from functools import cached_property
 import torch
 
 from vllm_tokenzoom.kv.layout import Segment
+from vllm_tokenzoom.v1.worker.sessions import LaterScores
 
 _CURRENT: list["Step | None"] = [None]
 logger = logging.getLogger("vllm.tokenzoom")
@@ -76,13 +77,20 @@ class Layout:
 
 
 class QueryNeed:
-    """One query the indexed path computes at one layer (and whose scores it may hand back)."""
+    """One query tokenzoom handles at one layer: the indexed path computes it when it has a view
+    or policies want its scores now (``scores``); the backend keeps it for the after-sampling
+    policies (``later``), whose scores are computed once the sampled token says they are wanted."""
 
-    __slots__ = ("row", "token", "position", "segment", "cache_len", "multiplicity", "scores", "session")
+    __slots__ = ("row", "token", "position", "segment", "cache_len", "multiplicity", "scores", "session", "later")
 
-    def __init__(self, row, token, position, segment, cache_len, multiplicity, scores, session):
+    def __init__(self, row, token, position, segment, cache_len, multiplicity, scores, session, later=()):
         self.row, self.token, self.position, self.segment = row, token, position, segment
         self.cache_len, self.multiplicity, self.scores, self.session = cache_len, multiplicity, scores, session
+        self.later = later
+
+    @property
+    def indexed(self) -> bool:
+        return self.multiplicity is not None or bool(self.scores)
 
 
 class Step:
@@ -92,7 +100,7 @@ class Step:
         self.bound = False
         self.version = 0  # bumped whenever a decision changed a view
         self._inbox: dict[tuple, tuple[int, torch.Tensor]] = {}
-        self._needs: dict[tuple, list[QueryNeed]] = {}
+        self._needs: dict[tuple, tuple[list[QueryNeed], list[QueryNeed]]] = {}
         self.prepared: dict[int, tuple] = {}  # id(needs) -> what a kernel call derived from them (the backend's)
         self.row_memo: dict[tuple, tuple] = {}  # one request's view -> its keys, biases, copy rows (ops.decode_requests)
         self._layouts: dict[int, Layout] = {}  # first layer -> layout in force from it
@@ -158,6 +166,13 @@ class Step:
 
     def needs(self, layer: int) -> list[QueryNeed]:
         """The queries tokenzoom's indexed path computes at ``layer`` (after settling decisions)."""
+        return self._needs_at(layer)[0]
+
+    def later(self, layer: int) -> list[QueryNeed]:
+        """The queries at ``layer`` that the backend keeps for after-sampling scores (:meth:`keep`)."""
+        return self._needs_at(layer)[1]
+
+    def _needs_at(self, layer: int) -> tuple[list[QueryNeed], list[QueryNeed]]:
         self.settle()
         layout = self.layout(layer)
         # layers that read the same layout and views and score nothing share their needs
@@ -173,8 +188,8 @@ class Step:
         if len(self._needs) > 16:
             self._needs.clear()
             self.prepared.clear()
-        self._needs[key] = needs
-        return needs
+        pair = self._needs[key] = ([n for n in needs if n.indexed], [n for n in needs if n.later])
+        return pair
 
     def _row_needs(self, layer: int, row: int, session, span: RowSpan) -> list[QueryNeed]:
         first, last = span.first, span.last
@@ -199,13 +214,23 @@ class Step:
             cache_len = (span.segment.generated_index(q) if q >= session.num_prompt_tokens
                          else int(span.segment.cache_index(torch.tensor([q]))[0])) + 1
             m = session.multiplicity(layer, q, span.segment) if has_view else None
-            needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, tuple(asks.get(q, ())), session))
+            names = asks.get(q, ())
+            now = tuple(n for n in names if not session.scores_later(n))
+            later = tuple(n for n in names if session.scores_later(n))
+            needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, now, session, later))
         return needs
 
     def record(self, layer: int, need: QueryNeed, mass: torch.Tensor, keys: torch.Tensor) -> None:
         """mass: [n] head-mean attention of ``need``'s query over the cache indices ``keys``."""
-        scores = need.session.visual_scores(need.segment, mass, keys, need.cache_len)
-        for name in need.scores:
+        self._post(layer, need, need.scores, need.session.visual_scores(need.segment, mass, keys, need.cache_len))
+
+    def keep(self, layer: int, need: QueryNeed, compute) -> None:
+        """``compute()`` -> [V] scores of ``need``'s query, kept by the backend, for the policies
+        in ``need.later`` (called only if the token this forward samples calls for them)."""
+        self._post(layer, need, need.later, LaterScores([compute]))
+
+    def _post(self, layer: int, need: QueryNeed, names, scores) -> None:
+        for name in names:
             slot = (need.session, name, layer)
             position, total = self._inbox.get(slot, (need.position, None))
             self._inbox[slot] = (max(position, need.position), scores if total is None else total + scores)
@@ -216,9 +241,10 @@ class Step:
         if not self._inbox:
             return
         inbox, self._inbox = self._inbox, {}
+        changed = False
         for (session, name, layer), (position, scores) in inbox.items():
-            session.decide(name, layer, position, scores)
-        self.version += 1
+            changed |= session.decide(name, layer, position, scores)
+        self.version += changed
 
     def after_layer(self, layer: int, ctx, num_rows: int) -> torch.Tensor | None:
         """The decoder loop, after ``layer`` ran on ``num_rows`` hidden rows: settle, and when rows

@@ -11,9 +11,13 @@ where a layer's K and V live (:meth:`kv_regions`); its metadata builder binds th
   other queries remain, the platform's kernel runs for the batch first and the indexed
   queries overwrite their rows. On CPU all of a layer's indexed queries go to the C++
   kernel in one call; elsewhere one call per query (Triton on CUDA).
+- kept queries (:meth:`Step.later`): the query that samples a token, at the layers an
+  after-sampling policy scores, is kept with what it read; its attention is computed after
+  sampling, only if the token calls for it (ATA: every few sentence ends).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
@@ -52,6 +56,9 @@ class IndexedRowsMixin:
         if step is not None and self.attn_type == AttentionType.DECODER:
             layer_index = extract_layer_index(layer.layer_name)
             needs = step.needs(layer_index)
+            later = step.later(layer_index)
+            if later:
+                self._keep_queries(layer_index, step, query, self.kv_regions(layer, kv_cache), later)
         if not needs:  # fast path: the platform's kernel, unchanged
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
@@ -102,6 +109,24 @@ class IndexedRowsMixin:
         output[need.token:need.token + 1] = out.view(output[need.token:need.token + 1].shape).to(output.dtype)
         if need.scores:
             step.record(layer_index, need, _all_heads(mass[0], self.num_heads), keys)
+
+
+    def _keep_queries(self, layer_index, step, query, regions, later) -> None:
+        """Keep each of ``later``'s queries ([1, Hq, hs] copies) with its block-table row and key
+        copy, for :meth:`_later_scores` after sampling (the cache keeps what it read till then)."""
+        block_table = step.common.block_table_tensor
+        for need in later:
+            copy = (need.session.key_copy(layer_index, need.segment, regions[0], regions[2], block_table[need.row])
+                    if _reads_key_copy(layer_index, need, regions[2]) else None)
+            q = query[need.token:need.token + 1].clone()
+            step.keep(layer_index, need, functools.partial(self._later_scores, need, q, regions,
+                                                           block_table[need.row].clone(), copy))
+
+    def _later_scores(self, need, q, regions, block_row, copy) -> torch.Tensor:
+        """[V] scores of a kept query: its head-mean attention over what it read."""
+        _, mass, keys = indexed_paged_attention(q, *regions, block_row, need.cache_len, need.multiplicity, self.scale,
+                                                key_copy=copy)
+        return need.session.visual_scores(need.segment, _all_heads(mass[0], self.num_heads), keys, need.cache_len)
 
 
 def _reads_key_copy(layer_index: int, need, k_offsets) -> bool:
