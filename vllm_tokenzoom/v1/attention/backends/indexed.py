@@ -110,7 +110,6 @@ class IndexedRowsMixin:
         if need.scores:
             step.record(layer_index, need, _all_heads(mass[0], self.num_heads), keys)
 
-
     def _keep_queries(self, layer_index, step, query, regions, later) -> None:
         """Keep each of ``later``'s queries ([1, Hq, hs] copies) with its block-table row and key
         copy, for :meth:`_later_scores` after sampling (the cache keeps what it read till then)."""
