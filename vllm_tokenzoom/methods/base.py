@@ -196,8 +196,9 @@ class DecodePolicy(Policy):
     A policy that decides ``after_sampling`` gets its scores summed over its score layers and
     the token that forward sampled; its multiplicities are in force from the next query on
     (ZoomVLM's ATA acts on sentence ends). The forward keeps its queries at the score layers and
-    the attention over them is computed after sampling, only if :meth:`wants_scores` says so. A ``permanent`` policy never revives a 0: blocks
-    whose tokens it zeroed in every layer go back to vLLM's pool while the request runs."""
+    the attention over them is computed after sampling, only if :meth:`wants_scores` says so.
+    A ``permanent`` policy never revives a 0: blocks whose tokens it zeroed in every layer go
+    back to vLLM's pool while the request runs."""
 
     stage = Stage.DECODE
     requirements = IN_LLM

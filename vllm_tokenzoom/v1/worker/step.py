@@ -214,10 +214,11 @@ class Step:
             cache_len = (span.segment.generated_index(q) if q >= session.num_prompt_tokens
                          else int(span.segment.cache_index(torch.tensor([q]))[0])) + 1
             m = session.multiplicity(layer, q, span.segment) if has_view else None
-            names = asks.get(q, ())
-            now = tuple(n for n in names if not session.scores_later(n))
-            later = tuple(n for n in names if session.scores_later(n))
-            needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, now, session, later))
+            split = {True: [], False: []}
+            for name in asks.get(q, ()):
+                split[session.scores_later(name)].append(name)
+            needs.append(QueryNeed(row, token, q, span.segment, cache_len, m, tuple(split[False]), session,
+                                   tuple(split[True])))
         return needs
 
     def record(self, layer: int, need: QueryNeed, mass: torch.Tensor, keys: torch.Tensor) -> None:

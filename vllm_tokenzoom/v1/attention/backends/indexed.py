@@ -115,11 +115,11 @@ class IndexedRowsMixin:
         copy, for :meth:`_later_scores` after sampling (the cache keeps what it read till then)."""
         block_table = step.common.block_table_tensor
         for need in later:
-            copy = (need.session.key_copy(layer_index, need.segment, regions[0], regions[2], block_table[need.row])
+            block_row = block_table[need.row].clone()
+            copy = (need.session.key_copy(layer_index, need.segment, regions[0], regions[2], block_row)
                     if _reads_key_copy(layer_index, need, regions[2]) else None)
             q = query[need.token:need.token + 1].clone()
-            step.keep(layer_index, need, functools.partial(self._later_scores, need, q, regions,
-                                                           block_table[need.row].clone(), copy))
+            step.keep(layer_index, need, functools.partial(self._later_scores, need, q, regions, block_row, copy))
 
     def _later_scores(self, need, q, regions, block_row, copy) -> torch.Tensor:
         """[V] scores of a kept query: its head-mean attention over what it read."""
