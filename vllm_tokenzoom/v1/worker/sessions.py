@@ -142,6 +142,17 @@ class RequestSession:
         return frozenset(a.layer for p in self.decode.values() for a in p.score_requests())
 
     @cached_property
+    def _asks_by_layer(self) -> dict[int, tuple[tuple[str, Queries, bool], ...]]:
+        """layer -> (policy, queries, is a prefill policy) of every score request at that layer
+        (policies are frozen: built once, not per layer call)."""
+        asks: dict[int, list] = {}
+        for prefill, policies in ((True, self.prefill), (False, self.decode)):
+            for name, policy in policies.items():
+                for ask in policy.score_requests():
+                    asks.setdefault(ask.layer, []).append((name, ask.queries, prefill))
+        return {layer: tuple(a) for layer, a in asks.items()}
+
+    @cached_property
     def _all_score_layers(self) -> frozenset[int]:
         return frozenset(a.layer for p in (*self.prefill.values(), *self.decode.values()) for a in p.score_requests())
 
@@ -156,23 +167,19 @@ class RequestSession:
         computing positions ``first..last``."""
         out = []
         n = self.num_prompt_tokens
-        if not self.prefill_done:
-            for name, policy in self.prefill.items():
-                for ask in policy.score_requests():
-                    if ask.layer != layer:
-                        continue
-                    if ask.queries is Queries.LAST_PROMPT and first <= n - 1 <= last:
-                        out.append((name, [n - 1]))
-                    elif ask.queries is Queries.TEXT_AFTER_VIDEO:
-                        lo, hi = max(first, self.token_map.first_text_position), min(last + 1, n)
-                        if hi > lo and last >= n - 1:
-                            out.append((name, list(range(lo, hi))))
-        for name, policy in self.decode.items():
-            for ask in policy.score_requests():
-                if ask.layer != layer or last <= self.decided_at.get(name, -1):
+        for name, queries, prefill in self._asks_by_layer.get(layer, ()):
+            if prefill:
+                if self.prefill_done:
                     continue
-                if last >= n or (ask.queries is Queries.NEXT_TOKEN and last == n - 1):
-                    out.append((name, [last]))
+                if queries is Queries.LAST_PROMPT and first <= n - 1 <= last:
+                    out.append((name, [n - 1]))
+                elif queries is Queries.TEXT_AFTER_VIDEO:
+                    lo, hi = max(first, self.token_map.first_text_position), min(last + 1, n)
+                    if hi > lo and last >= n - 1:
+                        out.append((name, list(range(lo, hi))))
+            elif last > self.decided_at.get(name, -1) and (
+                    last >= n or (queries is Queries.NEXT_TOKEN and last == n - 1)):
+                out.append((name, [last]))
         return out
 
     # -- decisions (between layers) ----------------------------------------------------------

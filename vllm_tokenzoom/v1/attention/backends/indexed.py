@@ -113,13 +113,15 @@ class IndexedRowsMixin:
     def _keep_queries(self, layer_index, step, query, regions, later) -> None:
         """Keep each of ``later``'s queries ([1, Hq, hs] copies) with its block-table row and key
         copy, for :meth:`_later_scores` after sampling (the cache keeps what it read till then)."""
+        # one copy of all of the layer's kept queries and block-table rows (index_select copies)
         block_table = step.common.block_table_tensor
-        for need in later:
-            block_row = block_table[need.row].clone()
-            copy = (need.session.key_copy(layer_index, need.segment, regions[0], regions[2], block_row)
+        queries = query.index_select(0, torch.tensor([n.token for n in later], device=query.device))  # [R, Hq, hs]
+        block_rows = block_table.index_select(0, torch.tensor([n.row for n in later], device=block_table.device))
+        for i, need in enumerate(later):
+            copy = (need.session.key_copy(layer_index, need.segment, regions[0], regions[2], block_rows[i])
                     if _reads_key_copy(layer_index, need, regions[2]) else None)
-            q = query[need.token:need.token + 1].clone()
-            step.keep(layer_index, need, functools.partial(self._later_scores, need, q, regions, block_row, copy))
+            step.keep(layer_index, need, functools.partial(self._later_scores, need, queries[i:i + 1], regions,
+                                                           block_rows[i], copy))
 
     def _later_scores(self, need, q, regions, block_row, copy) -> torch.Tensor:
         """[V] scores of a kept query: its head-mean attention over what it read."""
