@@ -197,3 +197,29 @@ def test_packed_derivation_reads_what_each_segment_reads_alone(case):
             want_rows = torch.cat((row_of[copied], torch.full((want_keys.numel() - copied.numel(),), -1)))
             assert torch.equal(ops._ROWS[(id(m), id(row_of))][2], row_of[copied])  # derived in the pass, not again
             assert torch.equal(ops._copy_rows(keys, m, row_of), want_rows.int())
+
+
+def test_a_batch_step_finds_every_view_derived_for_it(monkeypatch):
+    """A batch-16 decode step of a policy that re-selects its view each step (dp) derives each
+    request's segments in one pass (``derive_packed``, when building the step's needs); the
+    kernel call then finds all of them, also after earlier steps filled the memo (a memo that
+    forgot the step's own entries re-derived them in the kernel call, a ``log`` each)."""
+    from vllm_tokenzoom import ops
+    from vllm_tokenzoom.kv.layout import CacheLayout
+    from vllm_tokenzoom.kv.token_map import TokenMap
+
+    g = torch.Generator().manual_seed(1)
+    token_map = TokenMap.build(50, [(5, 41)], [None])
+    layout = CacheLayout(token_map, torch.randint(0, 6, (40,), generator=g), 7)  # six segments
+    pack = layout.packed_on(torch.device("cpu"))
+    derived = []
+    real = ops.ref.keys_and_bias
+    monkeypatch.setattr(ops.ref, "keys_and_bias", lambda *a: derived.append(a) or real(*a))
+    held = []  # the sessions hold each step's views
+    for _ in range(8):  # 8 steps of 16 requests
+        views = [ops.derive_packed(pack.spread((torch.rand(40, generator=g) > 0.7).float()), pack)
+                 for _ in range(16)]
+        for m in (m for ms in views for m in ms):  # the kernel call: keys and biases of every view
+            ops._keys_and_bias(m, m.numel() + 3)
+        held.append(views)
+    assert not derived, f"{len(derived)} views derived again in the kernel call"

@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -115,8 +116,31 @@ def copy_keys(k_region, k_offsets, block_row, positions: torch.Tensor, row_of: t
     return KeyCopy(keys, rows_of(positions) if row_of is None else row_of)
 
 
-_ROWS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, torch.Tensor]] = {}
-_ROWS_OF_KEYS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+class _Memo(OrderedDict):
+    """A dict that forgets its least recently used entries beyond ``size``. A decode step
+    derives one entry per request and segment (16 x 6 in a batch-16 ``cascade`` step): evicting
+    the oldest keeps the step's own, where clearing the whole memo at a bound dropped some of them
+    mid-step and the kernel call re-derived them."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        if value is not default:
+            self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+_ROWS: dict[tuple[int, int], tuple[weakref.ref, weakref.ref, torch.Tensor]] = _Memo(1024)
+_ROWS_OF_KEYS: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = _Memo(1024)
 
 
 def _copy_rows(keys: torch.Tensor, multiplicity, row_of: torch.Tensor) -> torch.Tensor:
@@ -146,9 +170,6 @@ def _copy_rows(keys: torch.Tensor, multiplicity, row_of: torch.Tensor) -> torch.
 
 
 def _remember_rows(multiplicity: torch.Tensor, row_of: torch.Tensor, rows: torch.Tensor) -> None:
-    if len(_ROWS) >= 1024:
-        _ROWS.clear()
-        _ROWS_OF_KEYS.clear()
     _ROWS[(id(multiplicity), id(row_of))] = (weakref.ref(multiplicity), weakref.ref(row_of), rows)
 
 
@@ -167,8 +188,8 @@ def layout_code(offsets: torch.Tensor, transposed_ok: bool = False) -> int:
     return code if (code != 2 or transposed_ok) else 0
 
 
-_KEYS: dict[int, list] = {}  # id(multiplicity) -> [weak ref, length, keys/bias, (seq_len, extended) or None]
-_ALL: dict[int, tuple] = {}  # seq_len -> keys/bias of multiplicity None
+_KEYS: dict[int, list] = _Memo(256)  # id(multiplicity) -> [weak ref, length, keys/bias, (seq_len, extended) or None]
+_ALL: dict[int, tuple] = _Memo(64)  # seq_len -> keys/bias of multiplicity None
 
 
 def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
@@ -177,12 +198,11 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
     Remembered per multiplicity tensor: the layers of a group all read the same tensor in a
     step (sessions hand out one object per step)."""
     if multiplicity is None:
-        if seq_len not in _ALL:
-            if len(_ALL) > 64:
-                _ALL.clear()
+        hit = _ALL.get(seq_len)
+        if hit is None:
             keys = torch.arange(seq_len)
-            _ALL[seq_len] = (keys, None, keys.to(torch.int32), _EMPTY)
-        return _ALL[seq_len]
+            hit = _ALL[seq_len] = (keys, None, keys.to(torch.int32), _EMPTY)
+        return hit
     prefix = multiplicity.dim() == 1 and multiplicity.numel() < seq_len  # later positions read 1
     length = multiplicity.numel() if prefix else seq_len
     entry = _KEYS.get(id(multiplicity))
@@ -200,8 +220,6 @@ def _keys_and_bias(multiplicity: torch.Tensor | None, seq_len: int):
 
 def _remember_keys(multiplicity: torch.Tensor, length: int, result: tuple) -> list:
     """Remember ``_keys_and_bias``'s result for a multiplicity tensor over ``length`` positions."""
-    if len(_KEYS) >= 256:
-        _KEYS.clear()
     entry = _KEYS[id(multiplicity)] = [weakref.ref(multiplicity), length, result, None]
     return entry
 
