@@ -99,6 +99,9 @@ def measure(model, name, batch, tokens, seed0, frames=None):
         if full:
             row["decode_step_ms"] = round(1000 * statistics.median(full), 2)
             row["decode_gc_ms_mean"] = round(1000 * statistics.mean(gc_s), 2)  # garbage collection within them
+            kernel_s = [k for (n, _), k in zip(probe["decode_steps"], probe["decode_kernel_s"]) if n == batch]
+            row["decode_kernel_ms"] = round(1000 * statistics.median(kernel_s), 2)  # tokenzoom's C++ kernel
+            row["kernel_threads"] = probe["kernel_threads"]
         else:
             print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
@@ -132,7 +135,7 @@ def main(argv=None) -> None:
                 print(json.dumps(runs[name][-1]), flush=True)
         for name, samples in runs.items():
             row = dict(samples[0], rounds=len(samples))
-            for key in ("decode_step_ms", "decode_gc_ms_mean", "tokens_per_s_end_to_end", "request_wall_s"):
+            for key in ("decode_step_ms", "decode_gc_ms_mean", "decode_kernel_ms", "tokens_per_s_end_to_end", "request_wall_s"):
                 if key in row:
                     row[key] = statistics.median(r[key] for r in samples)
                     row[key + "_all"] = [r[key] for r in samples]

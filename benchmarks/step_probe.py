@@ -9,16 +9,35 @@ token and none is new. ``report()``: per pure-decode step its batch size and dur
 batch's decode step time is measured over the steps in which all its requests decode
 together, without the prefills that interleave with them in the other steps. Also the seconds
 the step spent in Python's garbage collector (``gc.callbacks``): a cost of every Python object a
-step allocates, which a profiler puts on whatever line happened to trigger it.
+step allocates, which a profiler puts on whatever line happened to trigger it; and in
+tokenzoom's C++ attention kernel (``ops._cpp_decode``, all its calls of the step, the threads
+torch gives it): the rest of a step over vanilla's is tokenzoom's Python or vLLM's own work.
 """
 import gc
 import time
 
+import torch
 from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_tokenzoom import ops
 
 _STEPS: list[dict] = []  # one per schedule() call: t (perf_counter), decode (batch size or 0), gc seconds
 _schedule = Scheduler.schedule
 _GC = {"start": 0.0, "seconds": 0.0}  # the running collection's start; seconds collected since the last schedule()
+_KERNEL = {"seconds": 0.0, "threads": None}  # seconds in the C++ kernel since the last schedule()
+_cpp_decode = ops._cpp_decode
+
+
+def _timed_cpp_decode(*args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return _cpp_decode(*args, **kwargs)
+    finally:
+        _KERNEL["seconds"] += time.perf_counter() - t
+        _KERNEL["threads"] = torch.get_num_threads()
+
+
+ops._cpp_decode = _timed_cpp_decode
 
 
 def _on_gc(phase: str, info: dict) -> None:
@@ -38,6 +57,7 @@ def schedule(self, *args, **kwargs):
     pure = bool(counts) and not out.scheduled_new_reqs and all(n == 1 for n in counts)
     if _STEPS:  # the collections since the previous schedule() were that step's
         _STEPS[-1]["gc"], _GC["seconds"] = _GC["seconds"], 0.0
+        _STEPS[-1]["kernel"], _KERNEL["seconds"] = _KERNEL["seconds"], 0.0
     _STEPS.append({"t": t, "decode": len(counts) if pure else 0})
     return out
 
@@ -46,8 +66,10 @@ Scheduler.schedule = schedule
 
 
 def report():
-    """-> {"decode_steps": [[batch size, seconds], ...], "decode_gc_s": [seconds collecting, ...]}:
-    each pure-decode step whose next step was scheduled too (its end is known)."""
+    """-> {"decode_steps": [[batch size, seconds], ...], "decode_gc_s": [seconds collecting, ...],
+    "decode_kernel_s": [seconds in the C++ kernel, ...], "kernel_threads": n}: each pure-decode
+    step whose next step was scheduled too (its end is known)."""
     pairs = [(a, b) for a, b in zip(_STEPS, _STEPS[1:]) if a["decode"]]
     return {"decode_steps": [[a["decode"], b["t"] - a["t"]] for a, b in pairs],
-            "decode_gc_s": [a.get("gc", 0.0) for a, _ in pairs]}
+            "decode_gc_s": [a.get("gc", 0.0) for a, _ in pairs],
+            "decode_kernel_s": [a.get("kernel", 0.0) for a, _ in pairs], "kernel_threads": _KERNEL["threads"]}
