@@ -139,7 +139,7 @@ class RequestSession:
     @cached_property
     def decode_score_layers(self) -> frozenset[int]:
         """The layers at which a decode policy scores the query of a decode step."""
-        return frozenset(a.layer for p in self.decode.values() for a in p.score_requests())
+        return frozenset(layer for layer, asks in self._asks_by_layer.items() if any(not p for _, _, p in asks))
 
     @cached_property
     def _asks_by_layer(self) -> dict[int, tuple[tuple[str, Queries, bool], ...]]:
@@ -154,7 +154,7 @@ class RequestSession:
 
     @cached_property
     def _all_score_layers(self) -> frozenset[int]:
-        return frozenset(a.layer for p in (*self.prefill.values(), *self.decode.values()) for a in p.score_requests())
+        return frozenset(self._asks_by_layer)
 
     def score_layers(self) -> frozenset[int]:
         """The layers at which a policy may want scores of this request this step: the decode

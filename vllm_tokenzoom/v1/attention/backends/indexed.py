@@ -111,9 +111,9 @@ class IndexedRowsMixin:
             step.record(layer_index, need, _all_heads(mass[0], self.num_heads), keys)
 
     def _keep_queries(self, layer_index, step, query, regions, later) -> None:
-        """Keep each of ``later``'s queries ([1, Hq, hs] copies) with its block-table row and key
-        copy, for :meth:`_later_scores` after sampling (the cache keeps what it read till then)."""
-        # one copy of all of the layer's kept queries and block-table rows (index_select copies)
+        """Keep each of ``later``'s queries ([1, Hq, hs], a view of one copy of all of the layer's)
+        with its block-table row and key copy, for :meth:`_later_scores` after sampling (the cache
+        keeps what it read till then)."""
         block_table = step.common.block_table_tensor
         queries = query.index_select(0, torch.tensor([n.token for n in later], device=query.device))  # [R, Hq, hs]
         block_rows = block_table.index_select(0, torch.tensor([n.row for n in later], device=block_table.device))
