@@ -109,6 +109,20 @@ def test_policy_layers_compose_by_product_and_never_erase_each_other():
     assert view.multiplicity(3, 9) is None  # before any plan: all ones
 
 
+def test_read_share_counts_what_each_layer_reads():
+    """The decode figure ``tokenzoom:decode_visual_attended_ratio``: the share of the visual tokens
+    a query reads (alive at the layer and multiplicity > 0), averaged over the layers. Hand-derived,
+    with death layers and two policy layers starting at different layers."""
+    view = TokenView(num_visual=4, num_layers=6)
+    assert view.read_share(10) == 1.0  # no policy, nothing dropped
+    view.drop_after(torch.tensor([False, False, False, True]), layer=3)  # token 3 gone from layer 4 on
+    view.push("dp", 2, position=10, value=torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    view.push("ata", 4, position=10, value=torch.tensor([2.0, 1.0, 1.0, 0.0]))
+    # layers 0-1: 4 read; 2-3: dp -> tokens 0, 3; 4-5: dp x ata, token 3 dead -> token 0
+    assert view.read_share(10) == (4 + 4 + 2 + 2 + 1 + 1) / 24
+    assert view.read_share(9) == (4 * 4 + 3 + 3) / 24  # before the plans: only the death layers
+
+
 def test_history_keeps_only_distinct_views():
     """A request recomputed after preemption gets each query's view from a history as long as
     the number of distinct views, not the number of steps."""

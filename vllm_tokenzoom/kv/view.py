@@ -139,13 +139,15 @@ class TokenView:
     def read_share(self, position: int) -> float:
         """The share of the visual tokens the query at ``position`` reads (multiplicity > 0 in the
         layer's cache), averaged over the layers. Layers that read the same factors are counted
-        together: per group one count of the read tokens' death layers (host)."""
+        together: per group one count of the read tokens' death layers (host). The factors
+        change only where a policy layer starts: one lookup per such range of layers."""
         if not self.num_visual:
             return 1.0
         groups: dict[tuple, tuple[tuple, list[int]]] = {}
-        for layer in range(self.num_layers):
-            factors = self.factors(layer, position)
-            groups.setdefault(tuple(map(id, factors)), (factors, []))[1].append(layer)
+        starts = sorted({0, *(p.first_layer for p in self.layers.values() if p.first_layer < self.num_layers)})
+        for lo, hi in zip(starts, starts[1:] + [self.num_layers]):
+            factors = self.factors(lo, position)
+            groups.setdefault(tuple(map(id, factors)), (factors, []))[1].extend(range(lo, hi))
         read = 0
         for factors, layers in groups.values():
             death = self.death
