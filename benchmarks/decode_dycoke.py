@@ -17,6 +17,10 @@ the other 21 -> ~573 -> 3 frames; TTM: 1480 -> 8 frames).
 
 ``cascade`` (TTM, VAS, dp) is measured against an oracle whose frame count is measured too:
 the visual tokens its decode steps read, averaged over layers and steps (``attended_frames``).
+``--paired``: a setting and its oracle in one process, batch after batch (``measure_paired``),
+the oracle's requests with tokenzoom off; the ratio is taken per round.
+
+    python benchmarks/decode_dycoke.py --batches 16 --tokens 48 --settings "cascade,oracle for cascade" --rounds 3 --paired
 
 Writes benchmarks/results/decode_dycoke.{csv,json}.
 """
@@ -107,6 +111,40 @@ def measure(model, name, batch, tokens, seed0, frames=None):
     return row
 
 
+def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
+    """``name`` and its oracle in one process, batch after batch (``name``'s, then the oracle's,
+    ``rounds`` times): the engine has ``name``'s config, the oracle's requests turn tokenzoom off
+    (a per-request ``{}``: no method). Both then run with the same engine settings and machine
+    state, which separate processes on this VM do not give (the oracle alone moved by 22%
+    between two runs). -> each round's decode step of both, and their ratio per round."""
+    config, _, frames = SETTINGS[name]
+    requests = []
+    for r in range(rounds):
+        requests += [dict(frames=frames, seed=2000 + 100 * r + i, max_tokens=tokens) for i in range(batch)]
+        requests += [dict(frames=oracle_frames, seed=6000 + 100 * r + i, max_tokens=tokens, tokenzoom={})
+                     for i in range(batch)]
+    result = run_offline(model, requests, config, batch=batch, warmup=[dict(frames=frames, seed=1999, max_tokens=4)],
+                         timeout=3600, llm_kwargs={"max_num_seqs": batch, "max_model_len": 4096,
+                                                   "max_num_batched_tokens": 8192},
+                         preload=["step_probe"], env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
+    probe = result["reports"]["step_probe"]
+    by_batch: dict[str, list[float]] = {}  # in the order the batches ran
+    for (n, seconds), key in zip(probe["decode_steps"], probe["decode_batch"]):
+        if n == batch:
+            by_batch.setdefault(key, []).append(seconds)
+    steps = [1000 * statistics.median(v) for v in by_batch.values()]
+    if len(steps) != 2 * rounds:
+        raise SystemExit(f"{name}: {len(steps)} batches had all {batch} requests decoding, expected {2 * rounds}; "
+                         "raise --tokens")
+    mine, oracle = steps[0::2], steps[1::2]
+    ratios = [round(a / b, 3) for a, b in zip(mine, oracle)]
+    return dict(setting=f"{name} vs its oracle ({oracle_frames} frames), one process", batch=batch, frames=frames,
+                oracle_frames=oracle_frames, rounds=rounds, decode_step_ms=round(statistics.median(mine), 2),
+                decode_step_ms_all=[round(x, 2) for x in mine], oracle_step_ms=round(statistics.median(oracle), 2),
+                oracle_step_ms_all=[round(x, 2) for x in oracle], step_vs_oracle_all=ratios,
+                step_vs_oracle=statistics.median(ratios))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/qwen2-0.5b")
@@ -117,6 +155,9 @@ def main(argv=None) -> None:
                     help="repeat all settings this many times, interleaved; medians are reported "
                          "(this VM's run-to-run noise is +-30%%)")
     ap.add_argument("--quick", action="store_true", help="batch 1, 12 tokens")
+    ap.add_argument("--paired", action="store_true",
+                    help="each 'oracle for X' setting: X and its oracle in one process, batch after batch "
+                         "(--rounds times each), instead of a process per setting (batch > 1)")
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.tokens = "1", 12
@@ -126,6 +167,13 @@ def main(argv=None) -> None:
             oracle[name] = attended_frames(args.model, name[len("oracle for "):], args.tokens)
             print(f"{name}: {oracle[name][0]} frames ({oracle[name][1]:.0f} visual tokens read per step)", flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:
+        if args.paired:
+            for name, (frames, _) in oracle.items():
+                print(f"batch {batch}: {name[len('oracle for '):]} and its oracle, one process", flush=True)
+                rows.append(measure_paired(args.model, name[len("oracle for "):], frames, batch, args.tokens,
+                                           args.rounds))
+                print(json.dumps(rows[-1]), flush=True)
+            continue
         runs: dict[str, list[dict]] = {}
         for round_ in range(args.rounds):
             for name in args.settings.split(","):

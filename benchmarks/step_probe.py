@@ -58,7 +58,7 @@ def schedule(self, *args, **kwargs):
     if _STEPS:  # the collections since the previous schedule() were that step's
         _STEPS[-1]["gc"], _GC["seconds"] = _GC["seconds"], 0.0
         _STEPS[-1]["kernel"], _KERNEL["seconds"] = _KERNEL["seconds"], 0.0
-    _STEPS.append({"t": t, "decode": len(counts) if pure else 0})
+    _STEPS.append({"t": t, "decode": len(counts) if pure else 0, "batch": min(out.num_scheduled_tokens, default="")})
     return out
 
 
@@ -67,9 +67,11 @@ Scheduler.schedule = schedule
 
 def report():
     """-> {"decode_steps": [[batch size, seconds], ...], "decode_gc_s": [seconds collecting, ...],
-    "decode_kernel_s": [seconds in the C++ kernel, ...], "kernel_threads": n}: each pure-decode
-    step whose next step was scheduled too (its end is known)."""
+    "decode_kernel_s": [seconds in the C++ kernel, ...], "kernel_threads": n, "decode_batch":
+    [the step's smallest request id, ...] (which of several batches run one after another it
+    was)}: each pure-decode step whose next step was scheduled too (its end is known)."""
     pairs = [(a, b) for a, b in zip(_STEPS, _STEPS[1:]) if a["decode"]]
     return {"decode_steps": [[a["decode"], b["t"] - a["t"]] for a, b in pairs],
+            "decode_batch": [a["batch"] for a, _ in pairs],
             "decode_gc_s": [a.get("gc", 0.0) for a, _ in pairs],
             "decode_kernel_s": [a.get("kernel", 0.0) for a, _ in pairs], "kernel_threads": _KERNEL["threads"]}
