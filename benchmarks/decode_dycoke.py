@@ -106,6 +106,8 @@ def measure(model, name, batch, tokens, seed0, frames=None):
             kernel_s = [k for (n, _), k in zip(probe["decode_steps"], probe["decode_kernel_s"]) if n == batch]
             row["decode_kernel_ms"] = round(1000 * statistics.median(kernel_s), 2)  # tokenzoom's C++ kernel
             row["kernel_threads"] = probe["kernel_threads"]
+            parts = step_parts(probe, [i for i, (n, _) in enumerate(probe["decode_steps"]) if n == batch])
+            row.update({f"{k}_ms": round(v, 2) for k, v in parts.items() if k not in ("step", "tz_kernel")})
         else:
             print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
@@ -128,21 +130,42 @@ def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
                                                    "max_num_batched_tokens": 8192},
                          preload=["step_probe"], env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
     probe = result["reports"]["step_probe"]
-    by_batch: dict[str, list[float]] = {}  # in the order the batches ran
-    for (n, seconds), key in zip(probe["decode_steps"], probe["decode_batch"]):
+    by_batch: dict[str, list[int]] = {}  # the full decode steps of each batch, in the order the batches ran
+    for i, ((n, _), key) in enumerate(zip(probe["decode_steps"], probe["decode_batch"])):
         if n == batch:
-            by_batch.setdefault(key, []).append(seconds)
-    steps = [1000 * statistics.median(v) for v in by_batch.values()]
-    if len(steps) != 2 * rounds:
-        raise SystemExit(f"{name}: {len(steps)} batches had all {batch} requests decoding, expected {2 * rounds}; "
+            by_batch.setdefault(key, []).append(i)
+    parts = [step_parts(probe, steps) for steps in by_batch.values()]
+    if len(parts) != 2 * rounds:
+        raise SystemExit(f"{name}: {len(parts)} batches had all {batch} requests decoding, expected {2 * rounds}; "
                          "raise --tokens")
-    mine, oracle = steps[0::2], steps[1::2]
-    ratios = [round(a / b, 3) for a, b in zip(mine, oracle)]
-    return dict(setting=f"{name} vs its oracle ({oracle_frames} frames), one process", batch=batch, frames=frames,
-                oracle_frames=oracle_frames, rounds=rounds, decode_step_ms=round(statistics.median(mine), 2),
-                decode_step_ms_all=[round(x, 2) for x in mine], oracle_step_ms=round(statistics.median(oracle), 2),
-                oracle_step_ms_all=[round(x, 2) for x in oracle], step_vs_oracle_all=ratios,
-                step_vs_oracle=statistics.median(ratios))
+    mine, oracle = parts[0::2], parts[1::2]
+    ratios = [round(a["step"] / b["step"], 3) for a, b in zip(mine, oracle)]
+    row = dict(setting=f"{name} vs its oracle ({oracle_frames} frames), one process", batch=batch, frames=frames,
+               oracle_frames=oracle_frames, rounds=rounds, step_vs_oracle=statistics.median(ratios),
+               step_vs_oracle_all=ratios)
+    for who, runs in (("", mine), ("oracle_", oracle)):
+        for part in runs[0]:
+            row[f"{who}{part}_ms"] = round(statistics.median(r[part] for r in runs), 2)
+        row[f"{who}step_ms_all"] = [round(r["step"], 2) for r in runs]
+    return row
+
+
+def step_parts(probe: dict, steps: list[int]) -> dict[str, float]:
+    """Median ms per step of the probe's ``steps`` (indices): the whole step, then vLLM's attention,
+    tokenzoom's kernel, tokenzoom's Python in the attention layers (their time less those two)
+    and in its step hooks, and the rest (step_probe.py)."""
+    def median(values):
+        return 1000 * statistics.median(values)
+
+    spans = [probe["decode_spans_s"][i] for i in steps]
+    kernel = [probe["decode_kernel_s"][i] for i in steps]
+    python = [max(0.0, s["attention_layer"] - s["vllm_attention"] - k) if s["attention_layer"] else 0.0
+              for s, k in zip(spans, kernel)]  # 0 in vanilla vLLM: no tokenzoom layer
+    out = dict(step=median(probe["decode_steps"][i][1] for i in steps),
+               vllm_attention=median(s["vllm_attention"] for s in spans), tz_kernel=median(kernel),
+               tz_attention_python=median(python), tz_hooks=median(s["tz_hooks"] for s in spans))
+    out["rest"] = out["step"] - sum(v for k, v in out.items() if k != "step")
+    return out
 
 
 def main(argv=None) -> None:

@@ -39,6 +39,42 @@ def _timed_cpp_decode(*args, **kwargs):
 
 ops._cpp_decode = _timed_cpp_decode
 
+# Seconds per step in these calls (none nested in another of them but the attention's in the
+# layer's): the rest of a step over its oracle's is then split into vLLM's attention, tokenzoom's
+# kernel, tokenzoom's Python in the attention layer (the layer's time less the other two) and in
+# the step hooks, and everything else (the model's other work, sampling, scheduling).
+_SPANS = dict.fromkeys(("attention_layer", "vllm_attention", "tz_hooks"), 0.0)
+
+
+def _time_calls(owner, name: str, span: str) -> None:
+    call = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            _SPANS[span] += time.perf_counter() - t
+
+    setattr(owner, name, timed)
+
+
+def _time_tokenzoom() -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin
+    from vllm_tokenzoom.v1.worker import reports, sessions
+    from vllm_tokenzoom.v1.worker.step import Step
+
+    _time_calls(IndexedRowsMixin, "forward", "attention_layer")
+    _time_calls(CPUAttentionBackendImpl, "forward", "vllm_attention")  # also as the layer's super().forward
+    for owner, name in ((Step, "begin"), (Step, "finish"), (Step, "complete_token_maps"), (Step, "may_drop_rows"),
+                        (reports, "attach_reports"), (sessions, "begin_step")):
+        _time_calls(owner, name, "tz_hooks")
+
+
+_time_tokenzoom()
+
 
 def _on_gc(phase: str, info: dict) -> None:
     if phase == "start":
@@ -58,6 +94,8 @@ def schedule(self, *args, **kwargs):
     if _STEPS:  # the collections since the previous schedule() were that step's
         _STEPS[-1]["gc"], _GC["seconds"] = _GC["seconds"], 0.0
         _STEPS[-1]["kernel"], _KERNEL["seconds"] = _KERNEL["seconds"], 0.0
+        _STEPS[-1].update(_SPANS)
+        _SPANS.update(dict.fromkeys(_SPANS, 0.0))
     _STEPS.append({"t": t, "decode": len(counts) if pure else 0, "batch": min(out.num_scheduled_tokens, default="")})
     return out
 
@@ -74,4 +112,5 @@ def report():
     return {"decode_steps": [[a["decode"], b["t"] - a["t"]] for a, b in pairs],
             "decode_batch": [a["batch"] for a, _ in pairs],
             "decode_gc_s": [a.get("gc", 0.0) for a, _ in pairs],
-            "decode_kernel_s": [a.get("kernel", 0.0) for a, _ in pairs], "kernel_threads": _KERNEL["threads"]}
+            "decode_kernel_s": [a.get("kernel", 0.0) for a, _ in pairs], "kernel_threads": _KERNEL["threads"],
+            "decode_spans_s": [{k: a.get(k, 0.0) for k in _SPANS} for a, _ in pairs]}

@@ -20,6 +20,14 @@ def test_empty_config_is_the_default_preset_dycoke():
     assert (cfg.ttm, cfg.dp) == (TTM(prune_ratio=0.7), DP(layer=3, prune_ratio=0.7, threshold=0.9))
 
 
+def test_preset_none_runs_no_method_and_round_trips():
+    """What a request that must not be compressed sends (``{}`` would be the default preset)."""
+    cfg = parse_config({"tokenzoom": {"preset": "none"}})
+    assert dict(cfg.methods) == {} and cfg.pre_llm is None and cfg.decode == {}
+    assert parse_config({"tokenzoom": cfg.to_dict()}).methods == cfg.methods
+    assert dict(parse_config({"tokenzoom": {"preset": "none", "methods": {"ttm": {}}}}).methods) == {"ttm": TTM()}
+
+
 def test_ttm_preset_and_dp_alone():
     assert parse_config({"tokenzoom": {"preset": "ttm"}}).dp is None
     cfg = parse_config({"tokenzoom": {"methods": {"dp": {"layer": 2, "variant": "official"}}}})

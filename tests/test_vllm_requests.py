@@ -19,6 +19,7 @@ BATCH = [  # (request, the policies its reference runs)
     (dict(VIDEO, seed=71), dict(ttm=TTM(prune_ratio=0.7))),  # no setting: the engine's ttm preset
     (dict(VIDEO, frames=7, seed=72, tokenzoom=FASTV), dict(fastv=FastV(layer=2, prune_ratio=0.5))),
     (dict(VIDEO, seed=73, tokenzoom={"methods": {"ttm": {}, "dp": {}}}), dict(ttm=TTM(), dp=DP())),
+    (dict(VIDEO, seed=74, tokenzoom={"preset": "none"}), {}),  # not compressed: vanilla's prompt and tokens
     (dict(TEXT, tokenzoom=FASTV), {}),  # a text request: its setting has nothing to act on
     # as the server gets it: a JSON string (the seed test_vllm_ttm holds to the reference for this variant)
     (dict(VIDEO, seed=6, tokenzoom='{"methods": {"ttm": {"prune_ratio": 0.5, "variant": "official"}}}'),
@@ -46,13 +47,24 @@ def test_a_batch_mixing_settings_answers_each_as_its_own_setting(tiny_model, ref
     _assert_figures(outputs)
 
 
+def test_an_engine_with_preset_none_serves_uncompressed_and_requests_choose(tiny_model, reference):
+    """``{"preset": "none"}``: tokenzoom loaded, no method by default; a request may still choose one."""
+    requests = [dict(VIDEO, seed=75), dict(VIDEO, seed=76, tokenzoom={"preset": "ttm"})]
+    outputs = run_offline(tiny_model, requests, {"tokenzoom": {"preset": "none"}}, batch=True)["outputs"]
+    for request, policies, got in zip(requests, ({}, dict(ttm=TTM(prune_ratio=0.7))), outputs, strict=True):
+        ref = reference({k: v for k, v in request.items() if k != "tokenzoom"}, **policies)
+        assert got["num_prompt_tokens"] == ref.num_prompt_tokens, request
+        assert_matches(got, ref)
+    assert outputs[0]["num_prompt_tokens"] > outputs[1]["num_prompt_tokens"]
+
+
 def _assert_figures(outputs) -> None:
     """Each finished request's figures (``RequestOutput.kv_transfer_params["tokenzoom"]["figures"]``),
     hand-derived on the 4-layer model: none without an in-LLM method (TTM alone, a text request);
     FastV K=2, R=0.5 on 7 frames (V = 1,372) keeps round(V/2) = 686 and the others are not computed
     by layers 2 and 3: 2 x 686 rows; ttm + dp (L=3, P=0.7) reads, in each of its 9 decode steps, all
     V' = TTM's kept tokens in layers 0-2 and int(0.3 V') in layer 3."""
-    assert outputs[0]["figures"] is None and outputs[1]["figures"] is None and outputs[4]["figures"] is None
+    assert all(outputs[i]["figures"] is None for i in (0, 1, 4, 5))
     fastv = outputs[2]["figures"]
     assert (fastv["prefill_visual_rows_skipped"], fastv["decode_steps"], fastv["decode_visual_attended_ratio"],
             fastv["kv_blocks_reclaimed"]) == (2 * (1372 - 686), 0, None, 0)

@@ -35,6 +35,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # the three stages: TTM before the LLM, VAS inside it during prefill, dp between decode steps
     "cascade": {"ttm": {"prune_ratio": 0.7}, "vas": {}, "dp": {"layer": 3, "prune_ratio": 0.7}},
     "zoomvlm": {"voa": {}, "ata": {}},
+    # no method: as vanilla vLLM (a request that must not be compressed; or an engine whose
+    # requests choose their own, per_request)
+    "none": {},
 }
 # what `--plugin tokenzoom` and `{"tokenzoom": {}}` mean: DyCoke with the paper's settings
 DEFAULT_PRESET = "dycoke"
@@ -116,7 +119,8 @@ class TokenZoomConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved form, which parses back to an equal config."""
-        out: dict[str, Any] = {"methods": {name: _jsonable(dataclasses.asdict(p)) for name, p in self.methods.items()}}
+        out: dict[str, Any] = ({"methods": {name: _jsonable(dataclasses.asdict(p)) for name, p in self.methods.items()}}
+                               if self.methods else {"preset": "none"})
         if self.per_request is not True:
             out["per_request"] = self.per_request if isinstance(self.per_request, bool) else list(self.per_request)
         return out
@@ -148,7 +152,7 @@ def parse_config(additional_config: Mapping[str, Any] | None) -> TokenZoomConfig
                 settings = {}
             _require_mapping(settings, f"{where}.methods.{name}", "an object of settings")
             merged[name] = {**merged.get(name, {}), **settings}
-    if not merged:
+    if not merged and preset != "none":
         raise TokenZoomConfigError(f"{where}.methods is empty; name at least one method ({_fmt(REGISTRY)}) "
                                    f"or a preset ({_fmt(_ready_presets())}), or drop the 'tokenzoom' key")
     ordered = [name for name in REGISTRY if name in merged]  # registry order: stable and readable
