@@ -107,7 +107,7 @@ def measure(model, name, batch, tokens, seed0, frames=None):
             row["decode_kernel_ms"] = round(1000 * statistics.median(kernel_s), 2)  # tokenzoom's C++ kernel
             row["kernel_threads"] = probe["kernel_threads"]
             parts = step_parts(probe, [i for i, (n, _) in enumerate(probe["decode_steps"]) if n == batch])
-            row.update({f"{k}_ms": round(v, 2) for k, v in parts.items() if k not in ("step", "tz_kernel")})
+            row.update({f"{k}_ms": round(v, 2) for k, v in parts.items() if k not in ("step", "tz_kernel", "gc")})
         else:
             print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
@@ -116,19 +116,22 @@ def measure(model, name, batch, tokens, seed0, frames=None):
 def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
     """``name`` and its oracle in one process, batch after batch (``name``'s, then the oracle's,
     ``rounds`` times): the engine has ``name``'s config, the oracle's requests turn tokenzoom off
-    (a per-request ``{}``: no method). Both then run with the same engine settings and machine
+    (a per-request ``{"preset": "none"}``). Both then run with the same engine settings and machine
     state, which separate processes on this VM do not give (the oracle alone moved by 22%
     between two runs). -> each round's decode step of both, and their ratio per round."""
     config, _, frames = SETTINGS[name]
     requests = []
     for r in range(rounds):
         requests += [dict(frames=frames, seed=2000 + 100 * r + i, max_tokens=tokens) for i in range(batch)]
-        requests += [dict(frames=oracle_frames, seed=6000 + 100 * r + i, max_tokens=tokens, tokenzoom={})
+        requests += [dict(frames=oracle_frames, seed=6000 + 100 * r + i, max_tokens=tokens, tokenzoom={"preset": "none"})
                      for i in range(batch)]
     result = run_offline(model, requests, config, batch=batch, warmup=[dict(frames=frames, seed=1999, max_tokens=4)],
                          timeout=3600, llm_kwargs={"max_num_seqs": batch, "max_model_len": 4096,
                                                    "max_num_batched_tokens": 8192},
                          preload=["step_probe"], env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
+    outs = result["outputs"]
+    oracle_outs = [o for r in range(rounds) for o in outs[(2 * r + 1) * batch:(2 * r + 2) * batch]]
+    assert all(o["figures"] is None for o in oracle_outs), "an oracle request ran a tokenzoom method"
     probe = result["reports"]["step_probe"]
     by_batch: dict[str, list[int]] = {}  # the full decode steps of each batch, in the order the batches ran
     for i, ((n, _), key) in enumerate(zip(probe["decode_steps"], probe["decode_batch"])):
@@ -141,31 +144,37 @@ def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
     mine, oracle = parts[0::2], parts[1::2]
     ratios = [round(a["step"] / b["step"], 3) for a, b in zip(mine, oracle)]
     row = dict(setting=f"{name} vs its oracle ({oracle_frames} frames), one process", batch=batch, frames=frames,
-               oracle_frames=oracle_frames, rounds=rounds, step_vs_oracle=statistics.median(ratios),
+               oracle_frames=oracle_frames, prompt_tokens=outs[0]["num_prompt_tokens"],
+               oracle_prompt_tokens=oracle_outs[0]["num_prompt_tokens"], rounds=rounds,
+               step_vs_oracle=statistics.median(ratios),
                step_vs_oracle_all=ratios)
     for who, runs in (("", mine), ("oracle_", oracle)):
         for part in runs[0]:
             row[f"{who}{part}_ms"] = round(statistics.median(r[part] for r in runs), 2)
-        row[f"{who}step_ms_all"] = [round(r["step"], 2) for r in runs]
+            row[f"{who}{part}_ms_all"] = [round(r[part], 2) for r in runs]
     return row
 
 
 def step_parts(probe: dict, steps: list[int]) -> dict[str, float]:
-    """Median ms per step of the probe's ``steps`` (indices): the whole step, then vLLM's attention,
+    """Median ms per step of the probe's ``steps`` (indices): the whole step; vLLM's attention,
     tokenzoom's kernel, tokenzoom's Python in the attention layers (their time less those two)
-    and in its step hooks, and the rest (step_probe.py)."""
+    and in its hooks; the layers' other work; the rest of the step; garbage collection (within
+    the others). Each a median of its own: they need not add up (step_probe.py)."""
     def median(values):
         return 1000 * statistics.median(values)
 
     spans = [probe["decode_spans_s"][i] for i in steps]
     kernel = [probe["decode_kernel_s"][i] for i in steps]
-    python = [max(0.0, s["attention_layer"] - s["vllm_attention"] - k) if s["attention_layer"] else 0.0
-              for s, k in zip(spans, kernel)]  # 0 in vanilla vLLM: no tokenzoom layer
-    out = dict(step=median(probe["decode_steps"][i][1] for i in steps),
-               vllm_attention=median(s["vllm_attention"] for s in spans), tz_kernel=median(kernel),
-               tz_attention_python=median(python), tz_hooks=median(s["tz_hooks"] for s in spans))
-    out["rest"] = out["step"] - sum(v for k, v in out.items() if k != "step")
-    return out
+    step = [probe["decode_steps"][i][1] for i in steps]
+    # vanilla vLLM has no tokenzoom layer: its attention is vLLM's kernel alone
+    layer = [s["attention_layer"] or s["vllm_attention"] for s in spans]
+    return dict(step=median(step), vllm_attention=median(s["vllm_attention"] for s in spans),
+                tz_kernel=median(kernel),
+                tz_attention_python=median(a - s["vllm_attention"] - k for a, s, k in zip(layer, spans, kernel)),
+                tz_hooks=median(s["tz_hooks_forward"] + s["tz_hooks_runner"] for s in spans),
+                layers_other=median(s["model_forward"] - a - s["tz_hooks_forward"] for a, s in zip(layer, spans)),
+                step_other=median(t - s["model_forward"] - s["tz_hooks_runner"] for t, s in zip(step, spans)),
+                gc=median(probe["decode_gc_s"][i] for i in steps))
 
 
 def main(argv=None) -> None:

@@ -39,11 +39,13 @@ def _timed_cpp_decode(*args, **kwargs):
 
 ops._cpp_decode = _timed_cpp_decode
 
-# Seconds per step in these calls (none nested in another of them but the attention's in the
-# layer's): the rest of a step over its oracle's is then split into vLLM's attention, tokenzoom's
-# kernel, tokenzoom's Python in the attention layer (the layer's time less the other two) and in
-# the step hooks, and everything else (the model's other work, sampling, scheduling).
-_SPANS = dict.fromkeys(("attention_layer", "vllm_attention", "tz_hooks"), 0.0)
+# Seconds per step in these calls: the model's layers (``_model_forward``), in them the attention
+# layer (vLLM's kernel, or tokenzoom's with its Python) and tokenzoom's step hooks; outside them
+# tokenzoom's runner hooks. A step over its oracle's then splits into vLLM's attention, tokenzoom's
+# kernel, tokenzoom's Python (attention layer less the kernels; hooks), the layers' other work
+# (matmuls, norms) and the rest of the step (logits, sampling, scheduling, output).
+_SPANS = dict.fromkeys(("model_forward", "attention_layer", "vllm_attention", "tz_hooks_forward", "tz_hooks_runner"),
+                       0.0)
 
 
 def _time_calls(owner, name: str, span: str) -> None:
@@ -61,16 +63,19 @@ def _time_calls(owner, name: str, span: str) -> None:
 
 def _time_tokenzoom() -> None:
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_tokenzoom.v1.attention.backends.indexed import IndexedRowsMixin
     from vllm_tokenzoom.v1.worker import reports, sessions
     from vllm_tokenzoom.v1.worker.step import Step
 
+    _time_calls(GPUModelRunner, "_model_forward", "model_forward")  # the layers (the logits come after)
     _time_calls(IndexedRowsMixin, "forward", "attention_layer")
     _time_calls(CPUAttentionBackendImpl, "forward", "vllm_attention")  # also as the layer's super().forward
-    for owner, name in ((Step, "begin"), (Step, "finish"), (Step, "complete_token_maps"), (Step, "may_drop_rows"),
-                        (reports, "attach_reports"), (sessions, "begin_step")):
-        _time_calls(owner, name, "tz_hooks")
+    for owner, name in ((Step, "begin"), (Step, "finish"), (Step, "complete_token_maps"), (Step, "may_drop_rows")):
+        _time_calls(owner, name, "tz_hooks_forward")
+    for owner, name in ((reports, "attach_reports"), (sessions, "begin_step")):
+        _time_calls(owner, name, "tz_hooks_runner")
 
 
 _time_tokenzoom()
