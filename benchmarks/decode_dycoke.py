@@ -81,13 +81,7 @@ def measure(model, name, batch, tokens, seed0, frames=None):
     requests = [dict(frames=frames, seed=seed0 + i, max_tokens=tokens) for i in range(batch)]
     warmup = [dict(frames=frames, seed=seed0 - 1, max_tokens=4)]
     t0 = time.perf_counter()
-    result = run_offline(model, requests, config, plugins=plugins, batch=True, warmup=warmup, timeout=3600,
-                         llm_kwargs={"max_num_seqs": max(batch, 1), "max_model_len": 4096,
-                                     # batch > 1: two videos' prefill per step, so the prefills end early
-                                     **({"max_num_batched_tokens": 8192} if batch > 1 else {})},
-                         preload=["step_probe"],
-                         # 2 GiB of KV: 16 vanilla 16-frame requests (3,240 tokens each) fit at once
-                         env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
+    result = _run(model, requests, config, plugins, batch, warmup, generate=True)
     outs = result["outputs"]
     wall = max(o["seconds"] for o in outs)
     row = dict(setting=name if fixed else f"{name} ({frames} frames)", batch=batch, frames=frames, prompt_tokens=outs[0]["num_prompt_tokens"],
@@ -97,20 +91,31 @@ def measure(model, name, batch, tokens, seed0, frames=None):
         row["decode_step_ms"] = round(1000 * outs[0]["decode_s"] / (tokens - 1), 2)
     else:  # the steps in which all the batch's requests decode together (step_probe.py)
         probe = result["reports"]["step_probe"]
-        full = [s for n, s in probe["decode_steps"] if n == batch]
-        gc_s = [g for (n, _), g in zip(probe["decode_steps"], probe["decode_gc_s"]) if n == batch]
+        full = [i for i, (n, _) in enumerate(probe["decode_steps"]) if n == batch]
         row["decode_steps_measured"] = len(full)
         if full:
-            row["decode_step_ms"] = round(1000 * statistics.median(full), 2)
-            row["decode_gc_ms_mean"] = round(1000 * statistics.mean(gc_s), 2)  # garbage collection within them
-            kernel_s = [k for (n, _), k in zip(probe["decode_steps"], probe["decode_kernel_s"]) if n == batch]
-            row["decode_kernel_ms"] = round(1000 * statistics.median(kernel_s), 2)  # tokenzoom's C++ kernel
+            parts = step_parts(probe, full)
+            row["decode_step_ms"] = round(parts.pop("step"), 2)
+            # garbage collection within them
+            row["decode_gc_ms_mean"] = round(1000 * statistics.mean(probe["decode_gc_s"][i] for i in full), 2)
+            row["decode_kernel_ms"] = round(parts.pop("tz_kernel"), 2)  # tokenzoom's C++ kernel
             row["kernel_threads"] = probe["kernel_threads"]
-            parts = step_parts(probe, [i for i, (n, _) in enumerate(probe["decode_steps"]) if n == batch])
-            row.update({f"{k}_ms": round(v, 2) for k, v in parts.items() if k not in ("step", "tz_kernel", "gc")})
+            row.update({f"{k}_ms": round(v, 2) for k, v in parts.items() if k != "gc"})
         else:
             print(f"{name}: no step had all {batch} requests decoding; raise --tokens", flush=True)
     return row
+
+
+def _run(model, requests, config, plugins, batch, warmup, generate: bool) -> dict:
+    """The offline engine every measurement uses, the step probe loaded; ``generate``: all requests
+    in one ``generate`` call, else ``batch`` at a time (batch after batch)."""
+    return run_offline(model, requests, config, plugins=plugins, batch=True if generate else batch, warmup=warmup,
+                       timeout=3600, llm_kwargs={"max_num_seqs": max(batch, 1), "max_model_len": 4096,
+                                                 # batch > 1: two videos' prefill per step, so the prefills end early
+                                                 **({"max_num_batched_tokens": 8192} if batch > 1 else {})},
+                       preload=["step_probe"],
+                       # 2 GiB of KV: 16 vanilla 16-frame requests (3,240 tokens each) fit at once
+                       env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
 
 
 def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
@@ -125,10 +130,8 @@ def measure_paired(model, name, oracle_frames, batch, tokens, rounds) -> dict:
         requests += [dict(frames=frames, seed=2000 + 100 * r + i, max_tokens=tokens) for i in range(batch)]
         requests += [dict(frames=oracle_frames, seed=6000 + 100 * r + i, max_tokens=tokens, tokenzoom={"preset": "none"})
                      for i in range(batch)]
-    result = run_offline(model, requests, config, batch=batch, warmup=[dict(frames=frames, seed=1999, max_tokens=4)],
-                         timeout=3600, llm_kwargs={"max_num_seqs": batch, "max_model_len": 4096,
-                                                   "max_num_batched_tokens": 8192},
-                         preload=["step_probe"], env={"PYTHONPATH": str(BENCH), "VLLM_CPU_KVCACHE_SPACE": "2"})
+    result = _run(model, requests, config, True, batch, [dict(frames=frames, seed=1999, max_tokens=4)],
+                  generate=False)
     outs = result["outputs"]
     oracle_outs = [o for r in range(rounds) for o in outs[(2 * r + 1) * batch:(2 * r + 2) * batch]]
     assert all(o["figures"] is None for o in oracle_outs), "an oracle request ran a tokenzoom method"
